@@ -1,0 +1,1 @@
+"""FedBiP ClientApp package."""

@@ -1,0 +1,119 @@
+"""The global classifier: torchvision ResNet-18 trained on the synthetic set only."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from tqdm.auto import tqdm
+
+from fedbip_flower.config import ClassifierConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_classifier(cfg: ClassifierConfig, num_classes: int) -> torch.nn.Module:
+    """ResNet-18 with ``num_classes`` outputs; optional pretrained weights (head excluded)."""
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"classifier.pretrained: no such file {str(path)!r}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, _ = model.load_state_dict(state, strict=False)
+        if set(missing) - {"fc.weight", "fc.bias"}:
+            raise ValueError(f"classifier.pretrained lacks weights for {sorted(missing)[:5]}...")
+    if cfg.stem == "cifar":
+        model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    return model
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random translation (reflect padding, +-1/8 of the side) and horizontal flip."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    out = torch.stack([xp[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
+    seed: int, device: torch.device, progress: bool = True,
+) -> tuple[torch.nn.Module, dict[str, float]]:  # fmt: skip
+    """Train on uint8 images (N, 3, H, W); returns the model (eval mode, CPU) and stats."""
+    if len(images) == 0:
+        raise ValueError("no training images for the classifier")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_classifier(cfg, num_classes).to(device)
+    # The optimizer is built after the model is final, so the new head is trained too.
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    x_all = _normalize(images)
+    first = last = float("nan")
+    bar = tqdm(range(cfg.epochs), desc="classifier", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(len(images), generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs more than one sample
+                continue
+            x = x_all[idx]
+            if cfg.augment:
+                x = _augment(x, gen)
+            loss = F.cross_entropy(model(x.to(device)), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        avg = total / max(1, count)
+        first = avg if epoch == 0 else first
+        last = avg
+        bar.set_postfix(loss=f"{avg:.3f}")
+    model.eval().cpu()
+    return model, {"loss-first-epoch": first, "loss-last-epoch": last}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             device: torch.device | str = "cpu", batch: int = 256) -> float:  # fmt: skip
+    """Top-1 accuracy on uint8 images."""
+    if len(images) == 0:
+        return float("nan")
+    model = model.to(device).eval()
+    correct = 0
+    for i in range(0, len(images), batch):
+        pred = model(_normalize(images[i : i + batch]).to(device)).argmax(1).cpu()
+        correct += int((pred == labels[i : i + batch]).sum())
+    return correct / len(images)
+
+
+def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -1,0 +1,202 @@
+"""Typed configuration: ``[tool.flwr.app.config]`` (flat, kebab-case, dotted) -> dataclasses.
+
+The dataclass defaults are the single source of truth; a test checks that pyproject.toml's
+table equals them. Every key is validated before any work starts: an unknown key or a bad
+value raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+SHAPES_DATASET = "fedbip-shapes"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, lo=None, hi=None):  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str = _f("bundled", "LDM: 'bundled' (the shipped small LDM), an HF hub id, or a local folder")
+    device: str = _f("auto", "torch device for the server's synthesis and classifier", ("auto", "cpu", "cuda", "mps"))
+    dtype: str = _f("auto", "LDM weights dtype: auto = fp16 on CUDA, fp32 on CPU", ("auto", "float32", "float16"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _f(SHAPES_DATASET, "'fedbip-shapes' (bundled), 'imagefolder' (data-dir / node's data-dir) or an HF id")
+    data_dir: str = _f("", "imagefolder root (holding train/metadata.csv) used in simulation")
+    domains: str = _f("medical,satellite,thermal,chalkboard", "fedbip-shapes: comma-separated client styles")
+    per_class: int = _f(48, "fedbip-shapes: images per class and domain", lo=2)
+    resolution: int = _f(32, "image side in pixels (fedbip-shapes renders at 32 or 64)", (32, 64, 128, 256, 512))
+    partition_by: str = _f("domain", "feature shift ('domain') or label shift ('dirichlet')", ("domain", "dirichlet"))
+    alpha: float = _f(0.5, "Dirichlet concentration for partition-by='dirichlet'", lo=1e-4)
+    shots: int = _f(16, "few-shot training images per class per client", lo=1)
+    max_test_per_class: int = _f(64, "cap on each class's held-out test images per client", lo=1)
+    preset: str = _f("natural", "prompt preset: natural / medical / satellite", ("natural", "medical", "satellite"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    template: str = _f("", "prompt template with [S] and [V]; empty = the data preset's template")
+    n_s: int = _f(1, "tokens in the domain concept S", lo=1, hi=8)
+    n_v: int = _f(1, "tokens per class concept V", lo=1, hi=8)
+    injection: str = _f("input", "where S/V enter: text-encoder input (paper) or output (authors' code)", ("input", "output"))
+    init: str = _f("word", "concept initialisation: natural-word embeddings or random", ("word", "random"))
+    steps: int = _f(120, "optimisation steps of S and V", lo=0)
+    batch_size: int = _f(32, "images per optimisation step", lo=1)
+    lr: float = _f(0.02, "Adam learning rate of S and V", lo=0.0)
+    timestep: int = _f(0, "noise timestep T of the uploaded latents; 0 = the server's first inference timestep", lo=0, hi=999)
+    interpolate: bool = _f(True, "mix each latent with a same-class partner (instance level)")
+    gamma_mean: float = _f(0.5, "mean of the interpolation weight gamma", lo=0.0, hi=1.0)
+    gamma_std: float = _f(0.1, "std of gamma (clipped to [0, 1])", lo=0.0)
+    upload_latents: bool = _f(True, "upload the noised latents (off = concept level only)")
+    device: str = _f("auto", "client torch device", ("auto", "cpu", "cuda", "mps"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    inference_steps: int = _f(20, "DDIM steps of the full schedule", lo=1, hi=1000)
+    guidance_scale: float = _f(3.0, "classifier-free guidance scale", lo=0.0)
+    ddim_eta: float = _f(0.0, "DDIM eta (0 = deterministic)", lo=0.0, hi=1.0)
+    concept_noise: float = _f(0.1, "std sigma of the per-image noise added to S", lo=0.0)
+    multiplier: int = _f(1, "synthetic images per uploaded latent (FedBiP-S/M/L = 1/5/10)", lo=1, hi=100)
+    batch_size: int = _f(64, "images per synthesis batch", lo=1)
+    round_timeout: float = _f(1800.0, "seconds to wait for the clients' replies", lo=1.0)
+    wait_timeout: float = _f(300.0, "seconds to wait for min-clients nodes to connect", lo=0.0)
+    max_upload_mb: float = _f(512.0, "reject a client upload larger than this", lo=0.001)
+    max_images: int = _f(100000, "reject a client upload with more latents than this", lo=1)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    arch: str = _f("resnet18", "torchvision classifier", ("resnet18",))
+    stem: str = _f("imagenet", "ResNet stem: ImageNet 7x7/2 + maxpool, or CIFAR 3x3/1", ("imagenet", "cifar"))
+    pretrained: str = _f("", "path to ImageNet weights (.pth / .safetensors); empty = random init")
+    epochs: int = _f(30, "training epochs", lo=1)
+    batch_size: int = _f(64, "batch size", lo=1)
+    lr: float = _f(0.05, "SGD learning rate (cosine schedule)", lo=0.0)
+    momentum: float = _f(0.9, "SGD momentum", lo=0.0, hi=1.0)
+    weight_decay: float = _f(5e-4, "SGD weight decay", lo=0.0)
+    augment: bool = _f(True, "random crop + flip augmentation")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FedBiPConfig:
+    seed: int = _f(0, "fixes partitions, few-shot selection, noise and synthesis")
+    min_clients: int = _f(4, "clients to wait for; fewer good replies stop the run", lo=1)
+    output_dir: str = _f("outputs", "folder for run outputs (one sub-folder per run); use an absolute path in deployment")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # fmt: skip
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> FedBiPConfig:
+        """Parse Flower's flat run config; unknown keys and bad values raise ConfigError."""
+        return _build(cls, dict(run_config), prefix="")
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat kebab-case dict, the inverse of :meth:`from_run_config`."""
+        out: dict[str, Any] = {}
+        _flatten(self, "", out)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _key(prefix: str, name: str) -> str:
+    return prefix + name.replace("_", "-")
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _flatten(v, _key(prefix, f.name) + ".", out)
+        else:
+            out[_key(prefix, f.name)] = v
+
+
+def _coerce(key: str, value: Any, typ: type, meta: dict) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "false"):
+            out = value.lower() == "true"
+        else:
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        out = int(value)
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        out = float(value)
+        if out != out or out in (float("inf"), float("-inf")):
+            raise ConfigError(f"config key '{key}': must be finite, got {value!r}")
+    else:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        out = value
+    if meta.get("choices") and out not in meta["choices"]:
+        raise ConfigError(f"config key '{key}': {out!r} is not one of {list(meta['choices'])}")
+    if meta.get("lo") is not None and out < meta["lo"]:
+        raise ConfigError(f"config key '{key}': {out!r} is below the minimum {meta['lo']}")
+    if meta.get("hi") is not None and out > meta["hi"]:
+        raise ConfigError(f"config key '{key}': {out!r} is above the maximum {meta['hi']}")
+    return out
+
+
+def _build(cls: type, flat: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        key = _key(prefix, f.name)
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, flat, key + ".")
+        elif key in flat:
+            kwargs[f.name] = _coerce(key, flat.pop(key), typ, dict(f.metadata))
+    if prefix == "" and flat:
+        known = sorted(FedBiPConfig().to_run_config())
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(sorted(flat))}; known keys: {', '.join(known)}"
+        )
+    obj = cls(**kwargs)
+    if prefix == "":
+        _check_cross(obj)
+    return obj
+
+
+def _check_cross(cfg: FedBiPConfig) -> None:
+    t = cfg.client.template
+    if t and ("[S]" not in t or "[V]" not in t):
+        raise ConfigError(f"config key 'client.template': needs both [S] and [V], got {t!r}")
+    if cfg.data.dataset == SHAPES_DATASET:
+        from fedbip_flower.shapes import STYLES, SUPPORTED_RESOLUTIONS
+
+        doms = [d.strip() for d in cfg.data.domains.split(",") if d.strip()]
+        if not doms:
+            raise ConfigError("config key 'data.domains': empty")
+        bad = [d for d in doms if d not in STYLES]
+        if bad:
+            raise ConfigError(f"config key 'data.domains': unknown style(s) {bad}; known: {list(STYLES)}")
+        if cfg.data.resolution not in SUPPORTED_RESOLUTIONS:
+            raise ConfigError(
+                f"config key 'data.resolution': fedbip-shapes renders at {SUPPORTED_RESOLUTIONS}"
+            )
+

@@ -1,0 +1,233 @@
+"""A client's data: its partition of the configured dataset, split into few-shot train/test.
+
+Sources: the bundled FedBiP-Shapes benchmark (default), a local imagefolder with
+``train/metadata.csv`` (``file_name,label,domain``), or a Hugging Face dataset id through
+flwr-datasets. Partitioning by domain (feature shift; a domain may be split among several
+clients) or Dirichlet over labels (label shift). In deployment a site names its own folder
+in its node config (``data-dir``) and that folder is all of its data.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fedbip_flower import shapes
+from fedbip_flower.config import SHAPES_DATASET, DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """The configured data cannot be loaded (missing folder, bad metadata, empty split)."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a node's ``node_config`` says about its data."""
+
+    partition_id: int = 0
+    num_partitions: int = 1
+    data_dir: str = ""
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> NodeConfig:
+        try:
+            pid = int(node_config.get("partition-id", 0))
+            num = int(node_config.get("num-partitions", 1))
+        except (TypeError, ValueError) as err:
+            raise DataError(f"node config: partition-id/num-partitions must be ints ({err})") from err
+        if num < 1 or not 0 <= pid < num:
+            raise DataError(f"node config: partition-id {pid} not in [0, num-partitions={num})")
+        return cls(pid, num, str(node_config.get("data-dir", "") or ""))
+
+
+@dataclass
+class ClientData:
+    """Few-shot training and held-out test images (uint8, N x 3 x H x W) with int64 labels."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+    domain: str
+
+
+def load_client_data(cfg: DataConfig, node: NodeConfig, seed: int) -> ClientData:
+    """Load this node's partition and split it into few-shot train and test sets."""
+    if node.data_dir:
+        ds, names = _load_imagefolder(node.data_dir), None
+    elif cfg.dataset == SHAPES_DATASET:
+        ds = _shapes_partition(cfg, node, seed)
+        names = list(shapes.CLASSES)
+    else:
+        ds, names = _federated_partition(cfg, node, seed), None
+    if names is None:
+        names = class_names_of(ds, cfg.data_dir or node.data_dir)
+    return split_few_shot(ds, names, cfg, seed + 7919 * node.partition_id)
+
+
+def _domain_assignment(domains: list[str], node: NodeConfig) -> tuple[str, int, int]:
+    """Partition p gets domain p mod D; a domain shared by k clients is split in k shards."""
+    d = node.partition_id % len(domains)
+    sharers = [p for p in range(node.num_partitions) if p % len(domains) == d]
+    return domains[d], sharers.index(node.partition_id), len(sharers)
+
+
+def _shapes_partition(cfg: DataConfig, node: NodeConfig, seed: int):
+    domains = [d.strip() for d in cfg.domains.split(",") if d.strip()]
+    if cfg.partition_by == "domain":
+        # Rendering only this client's domain yields exactly the rows that
+        # NaturalIdPartitioner(partition_by="domain") selects from the full dataset
+        # (each sample is a pure function of its key; a test checks the equality).
+        domain, shard, nshards = _domain_assignment(domains, node)
+        ds = shapes.build_dataset([domain], cfg.per_class, seed, cfg.resolution)
+        return _shard(ds, shard, nshards, seed)
+    ds = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution)
+    return _dirichlet(ds, cfg, node, seed)
+
+
+def _shard(ds, shard: int, nshards: int, seed: int):
+    if nshards == 1:
+        return ds
+    from flwr_datasets.partitioner import IidPartitioner
+
+    part = IidPartitioner(num_partitions=nshards)
+    part.dataset = ds.shuffle(seed=seed)
+    return part.load_partition(shard)
+
+
+def _dirichlet(ds, cfg: DataConfig, node: NodeConfig, seed: int):
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    part = DirichletPartitioner(
+        num_partitions=node.num_partitions, partition_by="label", alpha=cfg.alpha,
+        min_partition_size=2, self_balancing=False, shuffle=True, seed=seed,
+    )  # fmt: skip
+    part.dataset = ds
+    return part.load_partition(node.partition_id)
+
+
+def _federated_partition(cfg: DataConfig, node: NodeConfig, seed: int):
+    """Imagefolder (simulation) or HF hub dataset through flwr-datasets."""
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    kwargs: dict[str, Any] = {}
+    if cfg.dataset == "imagefolder":
+        if not cfg.data_dir:
+            raise DataError("data.dataset='imagefolder' needs data.data-dir (or a node data-dir)")
+        _check_folder(cfg.data_dir)
+        kwargs["data_dir"] = cfg.data_dir
+    try:
+        fds = FederatedDataset(dataset=cfg.dataset, partitioners={"train": 1}, shuffle=False, **kwargs)
+        full = fds.load_split("train")
+    except Exception as err:
+        raise DataError(f"cannot load dataset {cfg.dataset!r}: {err}") from err
+    if cfg.partition_by == "dirichlet":
+        return _dirichlet(full, cfg, node, seed)
+    part = NaturalIdPartitioner(partition_by="domain")
+    part.dataset = full
+    _ = part.num_partitions  # builds the partition id -> domain map
+    id_to_domain = part.partition_id_to_natural_id
+    domains = [id_to_domain[i] for i in range(len(id_to_domain))]
+    domain, shard, nshards = _domain_assignment(domains, node)
+    return _shard(part.load_partition(domains.index(domain)), shard, nshards, seed)
+
+
+def _check_folder(data_dir: str) -> Path:
+    root = Path(data_dir)
+    meta = root / "train" / "metadata.csv"
+    if not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} does not exist or is not a folder")
+    if not meta.is_file():
+        raise DataError(f"data folder {str(root)!r} has no train/metadata.csv (file_name,label,domain)")
+    return root
+
+
+def _load_imagefolder(data_dir: str):
+    import datasets
+
+    root = _check_folder(data_dir)
+    try:
+        ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    except Exception as err:
+        raise DataError(f"cannot read data folder {str(root)!r}: {err}") from err
+    missing = {"image", "label", "domain"} - set(ds.column_names)
+    if missing:
+        raise DataError(f"data folder {str(root)!r}: metadata.csv lacks column(s) {sorted(missing)}")
+    if len(ds) == 0:
+        raise DataError(f"data folder {str(root)!r} holds no images")
+    return ds
+
+
+def class_names_of(ds, data_dir: str = "") -> list[str]:
+    """Class names from a ClassLabel feature, ``classes.txt``, or the metadata's folders."""
+    feat = ds.features.get("label")
+    if getattr(feat, "names", None):
+        return list(feat.names)
+    if data_dir:
+        txt = Path(data_dir) / "classes.txt"
+        if txt.is_file():
+            return [ln.strip() for ln in txt.read_text().splitlines() if ln.strip()]
+        meta = Path(data_dir) / "train" / "metadata.csv"
+        if meta.is_file():
+            by_label: dict[int, set[str]] = {}
+            with open(meta, newline="") as fh:
+                for row in csv.DictReader(fh):
+                    parent = Path(row["file_name"]).parent.name
+                    by_label.setdefault(int(row["label"]), set()).add(parent)
+            if by_label and all(len(v) == 1 for v in by_label.values()):
+                n = max(by_label) + 1
+                return [next(iter(by_label[i])) if i in by_label else f"class {i}" for i in range(n)]
+    n = int(max(ds["label"])) + 1
+    return [f"class {i}" for i in range(n)]
+
+
+def _to_tensor(images: list, resolution: int) -> torch.Tensor:
+    arrs = []
+    for im in images:
+        im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))
+        im = im.convert("RGB")
+        if im.size != (resolution, resolution):
+            im = im.resize((resolution, resolution), Image.BICUBIC)
+        arrs.append(np.asarray(im, np.uint8))
+    if not arrs:
+        return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def split_few_shot(ds, class_names: list[str], cfg: DataConfig, seed: int) -> ClientData:
+    """Deterministic per-class split: ``shots`` training images, the rest (capped) for test."""
+    labels = np.asarray(ds["label"], np.int64)
+    if len(labels) == 0:
+        raise DataError("this client's partition is empty")
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise DataError(f"labels outside [0, {len(class_names)}) in this client's data")
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train_idx += idx[: cfg.shots].tolist()
+        test_idx += idx[cfg.shots : cfg.shots + cfg.max_test_per_class].tolist()
+    domains = ds["domain"] if "domain" in ds.column_names else ["unknown"]
+    values, counts = np.unique(np.asarray(domains), return_counts=True)
+    domain = str(values[np.argmax(counts)])
+    train, test = sorted(train_idx), sorted(test_idx)
+    return ClientData(
+        train_images=_to_tensor(ds.select(train)["image"], cfg.resolution),
+        train_labels=torch.from_numpy(labels[train]),
+        test_images=_to_tensor(ds.select(test)["image"], cfg.resolution) if test else
+        torch.zeros(0, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8),
+        test_labels=torch.from_numpy(labels[test]),
+        class_names=list(class_names),
+        domain=domain,
+    )  # fmt: skip

@@ -1,0 +1,175 @@
+"""Client side of FedBiP: bi-level personalization of the frozen LDM -> one upload.
+
+Instance level: VAE-encode each training image once, interpolate it with a different image
+of the same class (gamma ~ N(0.5, 0.1^2) clipped to [0, 1]) and forward-diffuse it to the
+late timestep T. A class with a single image has no partner: its latent is noised as it is
+(gamma = 1), which the noise at T already makes hard to invert.
+
+Concept level: optimise only the domain concept S and the class concepts V with the
+diffusion loss of the scheduler's prediction type; the LDM stays frozen. Latents are cached
+and the frozen parts run without weight gradients, so the UNet dominates each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fedbip_flower import embeddings
+from fedbip_flower.config import ClientConfig
+from fedbip_flower.data import ClientData
+from fedbip_flower.ldm import LDMComponents
+from fedbip_flower.payload import ClientPayload
+
+log = logging.getLogger(__name__)
+
+
+def first_inference_timestep(scheduler, steps: int) -> int:
+    """The first timestep of the server's DDIM schedule (where synthesis starts)."""
+    scheduler.set_timesteps(steps)
+    return int(scheduler.timesteps[0])
+
+
+@torch.no_grad()
+def encode_images(components: LDMComponents, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> scaled latent means z(0), float32 on CPU."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch].to(components.device, components.dtype) / 127.5 - 1.0
+        out.append(components.vae.encode(x).latent_dist.mean.float().cpu())
+    if not out:
+        return torch.zeros(0)
+    return torch.cat(out) * components.latent_scale
+
+
+def interpolation_partners(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """For each image, a different image of the same class (itself if it is alone)."""
+    partner = torch.arange(len(labels))
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < 2:
+            continue
+        shift = torch.randint(1, len(idx), (len(idx),), generator=gen)
+        pos = (torch.arange(len(idx)) + shift) % len(idx)  # never the same position
+        partner[idx] = idx[pos]
+    return partner
+
+
+def noised_latents(
+    z0: torch.Tensor, labels: torch.Tensor, timestep: int, alphas_cumprod: torch.Tensor,
+    cfg: ClientConfig, gen: torch.Generator,
+) -> torch.Tensor:  # fmt: skip
+    """Instance level: interpolate with a same-class partner, forward-diffuse to T, fp16."""
+    if cfg.interpolate:
+        partner = interpolation_partners(labels, gen)
+        gamma = (torch.randn(len(z0), generator=gen) * cfg.gamma_std + cfg.gamma_mean).clamp(0, 1)
+        gamma = torch.where(partner == torch.arange(len(z0)), torch.ones_like(gamma), gamma)
+        g = gamma.view(-1, 1, 1, 1)
+        zbar = g * z0 + (1 - g) * z0[partner]
+    else:
+        zbar = z0
+    ab = alphas_cumprod[timestep].float()
+    eps = torch.randn(zbar.shape, generator=gen)
+    return (ab.sqrt() * zbar + (1 - ab).sqrt() * eps).to(torch.float16)
+
+
+def _target(scheduler, z0, eps, t):
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return eps
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, eps, t)
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def train_concepts(
+    components: LDMComponents, z0: torch.Tensor, labels: torch.Tensor,
+    layout: embeddings.PromptLayout, s: torch.Tensor, v: torch.Tensor, cfg: ClientConfig,
+    gen: torch.Generator, classes: torch.Tensor, progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:  # fmt: skip
+    """Optimise S (n_s, D) and V (K, n_v, D) with the LDM's diffusion loss.
+
+    ``classes`` (K,) maps rows of V and of ``layout.ids`` to class ids; ``labels`` are
+    class ids. Returns the learned S, V and statistics (first/last loss, seconds/step).
+    """
+    dev, dtype = components.device, components.dtype
+    sched = components.train_scheduler
+    row_of = {int(c): i for i, c in enumerate(classes.tolist())}
+    rows = torch.tensor([row_of[int(y)] for y in labels])
+    s = s.clone().to(dev).requires_grad_(True)
+    v = v.clone().to(dev).requires_grad_(True)
+    opt = torch.optim.Adam([s, v], lr=cfg.lr)
+    base = None
+    if cfg.injection == "output":
+        with torch.no_grad():
+            base = components.text_encoder(layout.ids.to(dev))[0]
+    acp = sched.alphas_cumprod.to(dev)
+    n_train = int(sched.config.num_train_timesteps)
+    losses: list[float] = []
+    t_start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="client concepts", unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        idx = torch.randint(0, len(z0), (min(cfg.batch_size, len(z0)),), generator=gen)
+        x0 = z0[idx].to(dev)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        t = torch.randint(0, n_train, (len(idx),), generator=gen).to(dev)
+        ab = acp[t].view(-1, 1, 1, 1)
+        xt = (ab.sqrt() * x0 + (1 - ab).sqrt() * eps).to(dtype)
+        # Encode each class prompt once per step, then gather per sample.
+        k = len(classes)
+        cond = embeddings.encode(
+            components.text_encoder, layout.ids, layout, s.unsqueeze(0).expand(k, -1, -1), v,
+            cfg.injection, base,
+        )[rows[idx].to(dev)]  # fmt: skip
+        pred = components.unet(xt, t, cond.to(dtype)).sample
+        loss = F.mse_loss(pred.float(), _target(sched, x0, eps, t).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    elapsed = time.perf_counter() - t_start
+    k = max(1, min(10, len(losses) // 5))
+    stats = {
+        "loss-first": sum(losses[:k]) / k if losses else float("nan"),
+        "loss-last": sum(losses[-k:]) / k if losses else float("nan"),
+        "seconds-per-step": elapsed / max(1, cfg.steps),
+    }
+    return s.detach().float().cpu(), v.detach().float().cpu(), stats
+
+
+def personalize(
+    components: LDMComponents, data: ClientData, cfg: ClientConfig, template: str,
+    timestep: int, seed: int, progress: bool = True,
+) -> ClientPayload:  # fmt: skip
+    """Run FedBiP's bi-level personalization on one client's few-shot data."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    labels = data.train_labels
+    classes = labels.unique()  # sorted class ids present on this client
+    z0 = encode_images(components, data.train_images)
+    layout = embeddings.build_layout(
+        components.tokenizer, template, cfg.n_s, cfg.n_v, data.domain,
+        [data.class_names[int(c)] for c in classes],
+    )  # fmt: skip
+    s, v = embeddings.init_concepts(components.text_encoder, layout, cfg.injection, cfg.init, gen)
+    s, v, stats = train_concepts(components, z0, labels, layout, s, v, cfg, gen, classes, progress)
+    if cfg.upload_latents:
+        zt = noised_latents(z0, labels, timestep, components.train_scheduler.alphas_cumprod, cfg, gen)
+    else:  # concept level only: the labels still tell the server how many images to make
+        zt = torch.zeros((0, *z0.shape[1:]), dtype=torch.float16)
+    stats["client-seconds"] = time.perf_counter() - t0
+    stats["num-train"] = float(len(labels))
+    stats["num-test"] = float(len(data.test_labels))
+    log.info("client %s: %d images, loss %.4f -> %.4f, %.1f s", data.domain, len(labels),
+             stats["loss-first"], stats["loss-last"], stats["client-seconds"])  # fmt: skip
+    return ClientPayload(
+        latents=zt, labels=labels, s=s, v=v, v_classes=classes.to(torch.int64),
+        class_names=list(data.class_names), domain=data.domain, template=template,
+        timestep=int(timestep), injection=cfg.injection,
+        model_fingerprint=components.fingerprint, metrics=stats,
+    )  # fmt: skip

@@ -1,0 +1,294 @@
+"""Pretrain the bundled latent diffusion model on FedBiP-Shapes' pretraining styles.
+
+The result is a standard ``StableDiffusionPipeline`` folder (CLIPTokenizer with the real SD
+v1 BPE vocabulary, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDIM scheduler,
+safetensors), loadable offline with ``StableDiffusionPipeline.from_pretrained(folder)``.
+
+Only the eight pretraining styles are seen; the held-out styles (medical, satellite,
+thermal, chalkboard) are the client domains FedBiP must personalize the model to. Captions
+follow FedBiP's template ``"a {style} style of a {class}"`` and are dropped (empty prompt)
+with probability ``--caption-dropout`` for classifier-free guidance.
+
+The learning rate is constant after warm-up, so the checkpoint written after step k is the
+model that ``--unet-steps k`` would produce (same seed, same machine).
+
+Usage (the shipped weights; about 60 minutes on 2 CPU cores)::
+
+    python -m fedbip_flower.pretrain --output fedbip_flower/assets/fedbip-ldm-shapes \
+        --seed 0 --per-class 300 --vae-steps 600 --unet-steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fedbip_flower import shapes
+
+log = logging.getLogger(__name__)
+PROMPT = "a {style} style of a {cls}"
+
+
+def build_clip_tokenizer(max_length: int = 32):
+    """SD v1's CLIP BPE tokenizer, built from the vocabulary shipped in ``open_clip``."""
+    from importlib.resources import files
+
+    from transformers import CLIPTokenizer
+
+    try:
+        bpe = files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz")
+    except ModuleNotFoundError as err:  # pragma: no cover - pretraining-only dependency
+        raise SystemExit("pretraining needs `pip install open_clip_torch` for the BPE file") from err
+    lines = gzip.open(str(bpe), "rt", encoding="utf-8").read().split("\n")
+    merges = [m for m in lines[1 : 49152 - 256 - 2 + 1] if m.strip()]
+    bytes_ = _bytes_to_unicode()
+    vocab = list(bytes_.values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(
+        str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=max_length,
+        pad_token="<|endoftext|>",
+    )  # fmt: skip
+    shutil.rmtree(tmp)
+    ids = tok("a photo of a dog").input_ids
+    if ids != [49406, 320, 1125, 539, 320, 1929, 49407]:
+        raise RuntimeError(f"tokenizer does not match SD v1-4's ids: {ids}")
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def build_models(hidden: int = 32, resolution: int = 32):
+    """Fresh, randomly initialised components of the bundled LDM architecture."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 4,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        )
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        norm_num_groups=16, sample_size=resolution, mid_block_add_attention=False,
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=hidden,
+        attention_head_dim=8, norm_num_groups=16,
+    )  # fmt: skip
+    return text_encoder, vae, unet
+
+
+def build_schedulers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kw = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon",
+        steps_offset=1,
+    )  # fmt: skip
+    return DDPMScheduler(**kw), DDIMScheduler(set_alpha_to_one=False, **kw)
+
+
+def _to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, gen) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(steps), desc="VAE", unit="step")
+    for step in bar:
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x = images[idx]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        kl = post.kl().mean()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch: int = 256):
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        d = vae.encode(images[i : i + batch]).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def captions(labels: np.ndarray, styles: np.ndarray) -> list[str]:
+    return [
+        PROMPT.format(style=shapes.STYLES[s], cls=shapes.CLASSES[c])
+        for c, s in zip(labels, styles, strict=True)
+    ]
+
+
+def save_pipeline(out: Path, tokenizer, text_encoder, vae, unet, scheduler, meta: dict) -> None:
+    """Save as a StableDiffusionPipeline folder; UNet and VAE stored as fp16 to stay small."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).half(), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "fedbip_model_card.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
+    p.add_argument("--per-class", type=int, default=300, help="images per class and style")
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-batch", type=int, default=48)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--hidden", type=int, default=32, help="text encoder width")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    t0 = time.time()
+
+    log.info("rendering %d pretraining images", a.per_class * 80)
+    imgs, labels, styles = shapes.render_array(
+        shapes.PRETRAIN_STYLES, a.per_class, seed=a.seed + 1000, resolution=a.resolution
+    )
+    x = _to_tensor(imgs)
+    tokenizer = build_clip_tokenizer()
+    text_encoder, vae, unet = build_models(a.hidden, a.resolution)
+    train_sched, infer_sched = build_schedulers()
+
+    train_vae(vae, x, a.vae_steps, a.vae_batch, a.vae_lr, gen)
+    vae.requires_grad_(False)
+    mean, std = encode_all(vae, x)
+    scale = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scale)
+    log.info("VAE done in %.0f s; latent scaling factor %.4f", time.time() - t0, scale)
+
+    caps = captions(labels, styles)
+    ids_all = tokenizer(caps, padding="max_length", truncation=True, return_tensors="pt")
+    ids_all = ids_all.input_ids
+    empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [q.detach().clone() for q in params]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-2)
+    acp = train_sched.alphas_cumprod
+    meta = {
+        "name": "fedbip-ldm-shapes",
+        "command": "python -m fedbip_flower.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "pretraining_styles": list(shapes.PRETRAIN_STYLES),
+        "heldout_styles": list(shapes.HELDOUT_STYLES),
+        "classes": list(shapes.CLASSES),
+        "prompt_template": PROMPT,
+        "resolution": a.resolution,
+    }
+
+    def snapshot(step: int) -> None:
+        live = [q.detach().clone() for q in params]
+        with torch.no_grad():
+            for q, e in zip(params, ema, strict=True):
+                q.copy_(e)
+        meta.update(unet_steps=step, train_seconds=round(time.time() - t0))
+        save_pipeline(a.output, tokenizer, text_encoder, vae, unet, infer_sched, meta)
+        with torch.no_grad():
+            for q, v in zip(params, live, strict=True):
+                q.copy_(v)
+        log.info("saved EMA weights after %d UNet steps to %s", step, a.output)
+
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(1, a.unet_steps + 1), desc="UNet", unit="step")
+    for step in bar:
+        idx = torch.randint(0, len(x), (a.batch,), generator=gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        ids = ids_all[idx].clone()
+        drop = torch.rand(a.batch, generator=gen) < a.caption_dropout
+        ids[drop] = empty
+        t = torch.randint(0, 1000, (a.batch,), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        ab = acp[t].view(-1, 1, 1, 1)
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        cond = text_encoder(ids)[0]
+        loss = F.mse_loss(unet(zt, t, cond).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:
+            g["lr"] = a.lr * min(1.0, step / a.warmup)
+        opt.step()
+        d = min(a.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, q in zip(ema, params, strict=True):
+                e.mul_(d).add_(q.detach(), alpha=1 - d)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % a.checkpoint_every == 0 or step == a.unet_steps:
+            snapshot(step)
+    log.info("pretraining finished in %.1f min", (time.time() - t0) / 60)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""FedBiP ServerApp package."""

@@ -1,0 +1,17 @@
+"""FedBiP ServerApp: one upload round, synthesis + classifier, one evaluation round."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported)
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedbip_flower.server import run_server
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedBiP with the run config; any failure propagates so the run is marked failed."""
+    run_server(grid, dict(context.run_config), run_id=context.run_id)

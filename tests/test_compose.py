@@ -1,0 +1,404 @@
+"""Engine-free checks of the Docker Compose deployment and its helper scripts.
+
+No Docker engine is needed: the compose files are validated against the
+Compose Specification schema with ``check-jsonschema``, their topology is read
+with PyYAML, and the certificate and key scripts are run into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.common.config import parse_config_args
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER_DIR = ROOT / "docker"
+COMPOSE = DOCKER_DIR / "compose.yml"
+COMPOSE_TLS = DOCKER_DIR / "compose.tls.yml"
+DOCKERFILE = DOCKER_DIR / "Dockerfile"
+MAKE_CERTS = ROOT / "scripts" / "deploy" / "make-certs.sh"
+MAKE_NODE_KEYS = ROOT / "scripts" / "deploy" / "make-node-keys.sh"
+
+SITES = (1, 2, 3)
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------
+def _tool(name: str, hint: str) -> str:
+    """Return the path of an executable, next to the interpreter or on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"`{name}` not found next to {sys.executable} or on PATH: {hint}")
+    return found
+
+
+def _check_jsonschema() -> str:
+    return _tool("check-jsonschema", "install it with `pip install check-jsonschema`")
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _load(path: Path) -> dict:
+    with path.open(encoding="utf-8") as file:
+        return yaml.safe_load(file)
+
+
+def _flag(command: list[str], name: str) -> str:
+    """Return the value following ``name`` in a command list."""
+    assert name in command, f"{name} missing from {command}"
+    index = command.index(name)
+    assert index + 1 < len(command), f"{name} has no value in {command}"
+    return str(command[index + 1])
+
+
+def _mounts(service: dict) -> dict[str, dict]:
+    """Map target path -> long-syntax volume of a service."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        assert isinstance(volume, dict), f"use long volume syntax, got {volume!r}"
+        mounts[volume["target"]] = volume
+    return mounts
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Apply a compose override the way ``docker compose -f a -f b`` does.
+
+    Only what these files use: ``command`` is replaced, ``volumes`` are merged
+    by target, mappings are merged recursively, other values are replaced.
+    """
+    merged = {name: dict(service) for name, service in base["services"].items()}
+    for name, service in override["services"].items():
+        target = merged.setdefault(name, {})
+        for key, value in service.items():
+            if key == "volumes":
+                by_target = {v["target"]: v for v in target.get("volumes", [])}
+                by_target.update({v["target"]: v for v in value})
+                target["volumes"] = list(by_target.values())
+            elif isinstance(value, dict) and isinstance(target.get(key), dict):
+                target[key] = {**target[key], **value}
+            else:
+                target[key] = value
+    return merged
+
+
+def _node_config(command: list[str]) -> dict:
+    """Parse --node-config with the parser flower-supernode uses."""
+    return parse_config_args([_flag(command, "--node-config")])
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _load(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def compose_tls() -> dict:
+    return _load(COMPOSE_TLS)
+
+
+# ----------------------------------------------------------------------------
+# (a), (b) Compose Specification schema
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_TLS], ids=lambda p: p.name)
+def test_compose_file_matches_compose_spec(path: Path) -> None:
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_schema_rejects_typo_in_key(tmp_path: Path) -> None:
+    text = COMPOSE.read_text(encoding="utf-8")
+    block = "\n  superlink:\n    image:"
+    broken = text.replace(block, block.replace("image:", "imagez:"), 1)
+    assert broken != text, "superlink service block not found"
+    copy = tmp_path / "compose.yml"
+    copy.write_text(broken, encoding="utf-8")
+
+    result = _validate(copy)
+
+    assert result.returncode != 0
+    assert "imagez" in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------
+# (c) Topology
+# ----------------------------------------------------------------------------
+def test_services_are_the_expected_topology(compose: dict) -> None:
+    expected = {"superlink", "superexec-serverapp"}
+    expected |= {f"supernode-{n}" for n in SITES}
+    expected |= {f"superexec-clientapp-{n}" for n in SITES}
+    assert set(compose["services"]) == expected
+
+
+def test_superlink_command(compose: dict) -> None:
+    superlink = compose["services"]["superlink"]
+    command = superlink["command"]
+    assert superlink["image"].startswith("flwr/superlink:")
+    assert "--insecure" in command
+    assert _flag(command, "--isolation") == "process"
+    assert "--disable-runtime-dependency-installation" in command
+    assert _flag(command, "--host") == "0.0.0.0"
+    assert _flag(command, "--port") == "8000"
+    assert "8000:8000" in [str(p) for p in superlink["ports"]]
+
+
+def test_serverapp_superexec(compose: dict) -> None:
+    service = compose["services"]["superexec-serverapp"]
+    command = service["command"]
+    assert service["build"]["dockerfile"] == "docker/Dockerfile"
+    assert "--insecure" in command
+    assert _flag(command, "--runtime-api-address") == "superlink:8000"
+    mounts = _mounts(service)
+    assert "/outputs" in mounts and not mounts["/outputs"].get("read_only", False)
+    assert mounts["/models"]["read_only"] is True
+    assert service["environment"]["HF_HOME"] == "/models/hf-cache"
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_site_pairs_supernode_with_clientapp_superexec(
+    compose: dict, site: int
+) -> None:
+    services = compose["services"]
+    supernode = services[f"supernode-{site}"]
+    clientapp = services[f"superexec-clientapp-{site}"]
+
+    node_cmd = supernode["command"]
+    assert supernode["image"].startswith("flwr/supernode:")
+    assert "--insecure" in node_cmd
+    assert _flag(node_cmd, "--superlink") == "superlink:8000"
+    assert _flag(node_cmd, "--isolation") == "process"
+    assert _flag(node_cmd, "--host") == "0.0.0.0"
+    port = _flag(node_cmd, "--port")
+    assert _node_config(node_cmd) == {
+        "data-dir": "/data",
+        "partition-id": site - 1,
+        "num-partitions": len(SITES),
+    }
+
+    app_cmd = clientapp["command"]
+    assert clientapp["build"]["dockerfile"] == "docker/Dockerfile"
+    assert "--insecure" in app_cmd
+    assert _flag(app_cmd, "--runtime-api-address") == f"supernode-{site}:{port}"
+    assert f"supernode-{site}" in clientapp["depends_on"]
+
+    # The ClientApp runs in the SuperExec container, so the data lives there.
+    mounts = _mounts(clientapp)
+    assert mounts["/data"]["read_only"] is True
+    assert f"SITE{site}_DATA" in mounts["/data"]["source"]
+    assert mounts["/models"]["read_only"] is True
+    assert clientapp["environment"]["HF_HOME"] == "/models/hf-cache"
+
+
+def test_each_site_has_a_distinct_data_volume(compose: dict) -> None:
+    sources = [
+        _mounts(compose["services"][f"superexec-clientapp-{n}"])["/data"]["source"]
+        for n in SITES
+    ]
+    assert len(set(sources)) == len(SITES)
+
+
+@pytest.mark.parametrize(
+    "name", ["superexec-serverapp", *(f"superexec-clientapp-{n}" for n in SITES)]
+)
+def test_superexecs_reserve_a_gpu(compose: dict, name: str) -> None:
+    deploy = compose["services"][name]["deploy"]
+    devices = deploy["resources"]["reservations"]["devices"]
+    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
+
+
+def test_dockerfile_builds_on_superexec_image() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"^ARG FLWR_VERSION=1\.42\.0$", text, re.M)
+    assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M)
+    assert "pip install -U --no-cache-dir ." in text
+    assert 'ENTRYPOINT ["flower-superexec"]' in text
+
+
+# ----------------------------------------------------------------------------
+# (c) TLS + SuperNode authentication override
+# ----------------------------------------------------------------------------
+def test_tls_superlink(compose: dict, compose_tls: dict) -> None:
+    superlink = _merge(compose, compose_tls)["superlink"]
+    command = superlink["command"]
+    assert "--insecure" not in command
+    assert "--enable-supernode-auth" in command
+    assert "--disable-runtime-dependency-installation" in command
+    assert _flag(command, "--isolation") == "process"
+    assert _flag(command, "--host") == "0.0.0.0"
+    mounts = _mounts(superlink)
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        path = _flag(command, flag)
+        assert path in mounts and mounts[path]["read_only"] is True
+
+
+def test_tls_serverapp_superexec_trusts_the_ca(
+    compose: dict, compose_tls: dict
+) -> None:
+    service = _merge(compose, compose_tls)["superexec-serverapp"]
+    command = service["command"]
+    # The SuperLink's Runtime API shares the TLS port: no --insecure here.
+    assert "--insecure" not in command
+    assert _flag(command, "--runtime-api-address") == "superlink:8000"
+    ca_path = _flag(command, "--root-certificates")
+    assert _mounts(service)[ca_path]["source"].endswith("ca.crt")
+    assert "/outputs" in _mounts(service)  # base mounts survive the override
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_tls_supernode_authenticates(
+    compose: dict, compose_tls: dict, site: int
+) -> None:
+    merged = _merge(compose, compose_tls)
+    base_cmd = compose["services"][f"supernode-{site}"]["command"]
+    command = merged[f"supernode-{site}"]["command"]
+    mounts = _mounts(merged[f"supernode-{site}"])
+
+    assert "--insecure" not in command
+    assert _flag(command, "--superlink") == "superlink:8000"
+    assert mounts[_flag(command, "--root-certificates")]["source"].endswith("ca.crt")
+    key = mounts[_flag(command, "--auth-supernode-private-key")]
+    assert key["source"].endswith(f"node{site}") and key["read_only"] is True
+    # `command` is replaced, not merged: the rest must match compose.yml.
+    for flag in ("--isolation", "--host", "--port", "--node-config"):
+        assert _flag(command, flag) == _flag(base_cmd, flag)
+
+
+def test_tls_supernodes_use_distinct_keys(compose: dict, compose_tls: dict) -> None:
+    merged = _merge(compose, compose_tls)
+    sources = set()
+    for n in SITES:
+        command = merged[f"supernode-{n}"]["command"]
+        key_path = _flag(command, "--auth-supernode-private-key")
+        sources.add(_mounts(merged[f"supernode-{n}"])[key_path]["source"])
+    assert len(sources) == len(SITES)
+
+
+def test_tls_clientapp_superexecs_stay_on_plain_runtime_api(
+    compose: dict, compose_tls: dict
+) -> None:
+    # SuperNodes serve their Runtime API without TLS unless given --ssl-* flags.
+    merged = _merge(compose, compose_tls)
+    for n in SITES:
+        assert "--insecure" in merged[f"superexec-clientapp-{n}"]["command"]
+        assert "--ssl-certfile" not in merged[f"supernode-{n}"]["command"]
+
+
+# ----------------------------------------------------------------------------
+# (d) Certificate and key scripts
+# ----------------------------------------------------------------------------
+def _run_script(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _san(openssl: str, cert: Path) -> str:
+    text = subprocess.run(
+        [openssl, "x509", "-noout", "-text", "-in", str(cert)],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    match = re.search(r"X509v3 Subject Alternative Name:.*?\n\s*(.+)", text)
+    assert match, text
+    return match.group(1)
+
+
+def test_make_certs_default_san(tmp_path: Path) -> None:
+    openssl = _tool("openssl", "install OpenSSL")
+    out = tmp_path / "certs"
+    result = _run_script(str(MAKE_CERTS), str(out), env={"FLWR_CERT_BITS": "2048"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    for name in ("ca.crt", "ca.key", "server.csr", "server.pem", "server.key"):
+        assert (out / name).is_file(), name
+    san = _san(openssl, out / "server.pem")
+    assert "IP Address:127.0.0.1" in san
+    assert "DNS:localhost" in san
+    assert "DNS:superlink" in san  # the name SuperNodes/SuperExec dial in compose
+    verify = subprocess.run(
+        [openssl, "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.pem")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    # Second run keeps the existing files.
+    before = (out / "server.pem").read_bytes()
+    again = _run_script(str(MAKE_CERTS), str(out), env={"FLWR_CERT_BITS": "2048"})
+    assert again.returncode == 0, again.stderr
+    assert (out / "server.pem").read_bytes() == before
+
+
+def test_make_certs_custom_san(tmp_path: Path) -> None:
+    openssl = _tool("openssl", "install OpenSSL")
+    out = tmp_path / "certs"
+    result = _run_script(
+        str(MAKE_CERTS), str(out), "IP:10.1.2.3,DNS:link.example.org",
+        env={"FLWR_CERT_BITS": "2048"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    san = _san(openssl, out / "server.pem")
+    assert "IP Address:10.1.2.3" in san and "DNS:link.example.org" in san
+
+
+def test_make_certs_usage() -> None:
+    result = _run_script(str(MAKE_CERTS))
+    assert result.returncode == 2
+    assert "Usage:" in result.stderr
+
+
+def test_make_node_keys(tmp_path: Path) -> None:
+    ssh_keygen = _tool("ssh-keygen", "install OpenSSH (openssh-client)")
+    out = tmp_path / "keys"
+    result = _run_script(str(MAKE_NODE_KEYS), str(out), "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    for n in SITES:
+        private, public = out / f"node{n}", out / f"node{n}.pub"
+        assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+        # Same parser flower-supernode uses for --auth-supernode-private-key.
+        key = load_ssh_private_key(private.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        assert isinstance(key.curve, ec.SECP384R1)
+        fingerprint = subprocess.run(
+            [ssh_keygen, "-l", "-f", str(public)],
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout
+        assert fingerprint.startswith("384 ") and "(ECDSA)" in fingerprint
+
+    before = (out / "node1").read_bytes()
+    again = _run_script(str(MAKE_NODE_KEYS), str(out), "3")
+    assert again.returncode == 0, again.stderr
+    assert (out / "node1").read_bytes() == before
+
+
+def test_make_node_keys_rejects_bad_count(tmp_path: Path) -> None:
+    result = _run_script(str(MAKE_NODE_KEYS), str(tmp_path), "three")
+    assert result.returncode == 2
+    assert "positive integer" in result.stderr
