@@ -89,7 +89,7 @@ def _target(scheduler, z0, eps, t):
 def train_concepts(
     components: LDMComponents, z0: torch.Tensor, labels: torch.Tensor,
     layout: embeddings.PromptLayout, s: torch.Tensor, v: torch.Tensor, cfg: ClientConfig,
-    gen: torch.Generator, classes: torch.Tensor, progress: bool = True,
+    gen: torch.Generator, classes: torch.Tensor, progress: bool = True, learn_domain: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:  # fmt: skip
     """Optimise S (n_s, D) and V (K, n_v, D) with the LDM's diffusion loss.
 
@@ -100,9 +100,9 @@ def train_concepts(
     sched = components.train_scheduler
     row_of = {int(c): i for i, c in enumerate(classes.tolist())}
     rows = torch.tensor([row_of[int(y)] for y in labels])
-    s = s.clone().to(dev).requires_grad_(True)
+    s = s.clone().to(dev).requires_grad_(learn_domain)
     v = v.clone().to(dev).requires_grad_(True)
-    opt = torch.optim.Adam([s, v], lr=cfg.lr)
+    opt = torch.optim.Adam([s, v] if learn_domain else [v], lr=cfg.lr)
     base = None
     if cfg.injection == "output":
         with torch.no_grad():
@@ -144,20 +144,26 @@ def train_concepts(
 
 def personalize(
     components: LDMComponents, data: ClientData, cfg: ClientConfig, template: str,
-    timestep: int, seed: int, progress: bool = True,
+    timestep: int, seed: int, progress: bool = True, domain_word: str | None = None,
+    learn_domain: bool = True,
 ) -> ClientPayload:  # fmt: skip
-    """Run FedBiP's bi-level personalization on one client's few-shot data."""
+    """Run FedBiP's bi-level personalization on one client's few-shot data.
+
+    ``domain_word`` (default: the client's domain name) fills the [S] slot and initialises
+    S; ``learn_domain=False`` keeps S fixed (the FedDEO-like baseline of the benchmark).
+    """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     labels = data.train_labels
     classes = labels.unique()  # sorted class ids present on this client
     z0 = encode_images(components, data.train_images)
     layout = embeddings.build_layout(
-        components.tokenizer, template, cfg.n_s, cfg.n_v, data.domain,
+        components.tokenizer, template, cfg.n_s, cfg.n_v, domain_word or data.domain,
         [data.class_names[int(c)] for c in classes],
     )  # fmt: skip
     s, v = embeddings.init_concepts(components.text_encoder, layout, cfg.injection, cfg.init, gen)
-    s, v, stats = train_concepts(components, z0, labels, layout, s, v, cfg, gen, classes, progress)
+    s, v, stats = train_concepts(components, z0, labels, layout, s, v, cfg, gen, classes, progress,
+                                 learn_domain=learn_domain)  # fmt: skip
     if cfg.upload_latents:
         zt = noised_latents(z0, labels, timestep, components.train_scheduler.alphas_cumprod, cfg, gen)
     else:  # concept level only: the labels still tell the server how many images to make

@@ -1,0 +1,370 @@
+"""Benchmark: FedBiP against one-shot peers and its own ablations, plus speed and privacy.
+
+Every method runs through the same data pipeline (``load_client_data`` per partition, the
+same seeds) and the same classifier training; the federated exchange is run in-process
+(the Flower transport adds nothing to accuracy, and the apps are tested separately).
+
+    python -m fedbip_flower.benchmark accuracy --settings shapes-feature --seeds 0,1,2
+    python -m fedbip_flower.benchmark speed
+    python -m fedbip_flower.benchmark accuracy --smoke      # seconds; what the tests run
+
+Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (accuracy per client domain,
+mean +- std over seeds, upload bytes per client, client time, server time, privacy audit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fedbip_flower.classifier import build_classifier, evaluate, state_to_cpu, train_classifier
+from fedbip_flower.client import client_seed, template_for
+from fedbip_flower.config import FedBiPConfig
+from fedbip_flower.data import ClientData, NodeConfig, load_client_data
+from fedbip_flower.ldm import load_components
+from fedbip_flower.personalize import encode_images, first_inference_timestep, personalize
+from fedbip_flower.synthesize import synthesize_client, synthesize_from_prompts
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+
+SETTINGS: dict[str, tuple[dict, int]] = {
+    "shapes-feature": ({"data.partition-by": "domain"}, 4),
+    "shapes-label-0.5": ({"data.partition-by": "dirichlet", "data.alpha": 0.5, "data.domains": "satellite",
+                          "data.per-class": 100}, 5),
+    "shapes-label-0.01": ({"data.partition-by": "dirichlet", "data.alpha": 0.01, "data.domains": "satellite",
+                           "data.per-class": 100}, 5),
+    "pacs-feature": ({"data.dataset": "imagefolder", "data.data-dir": str(REPO.parent / "shared" / "data" / "pacs")}, 4),
+}  # fmt: skip
+# method -> (client config overrides, server config overrides, personalize kwargs)
+FEDBIP_METHODS: dict[str, tuple[dict, dict, dict]] = {
+    "fedbip": ({}, {}, {}),
+    "fedbip-m": ({}, {"server.multiplier": 5}, {}),
+    "fedbip-l": ({}, {"server.multiplier": 10}, {}),
+    "instance-only": ({"client.steps": 0}, {}, {}),
+    "concept-only": ({"client.upload-latents": False}, {}, {}),
+    "output-injection": ({"client.injection": "output"}, {}, {}),
+    "feddeo-like": ({"client.upload-latents": False}, {}, {"domain_word": "image", "learn_domain": False}),
+}
+OTHER_METHODS = ("zero-shot", "fedavg-oneshot", "ensemble", "centralized")
+ALL_METHODS = tuple(FEDBIP_METHODS) + OTHER_METHODS
+SMOKE = {"data.per-class": 6, "data.shots": 3, "data.max-test-per-class": 3, "client.steps": 2,
+         "server.inference-steps": 2, "classifier.epochs": 1}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- helpers
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of images in [0, 1] (B, C, H, W), 7x7 Gaussian window (sigma 1.5).
+
+    Written here (15 lines) rather than adding scikit-image or torchmetrics for one metric.
+    """
+    k = torch.exp(-0.5 * ((torch.arange(7) - 3) / 1.5) ** 2)
+    w = (k[:, None] * k[None]).div(k.sum() ** 2).expand(a.shape[1], 1, 7, 7).contiguous()
+
+    def f(x):
+        return F.conv2d(x, w, groups=a.shape[1])
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = f(a), f(b)
+    va, vb, cov = f(a * a) - mu_a**2, f(b * b) - mu_b**2, f(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mse = ((a - b) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def _f(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0
+
+
+def fedavg(states: list[dict], weights: list[float]) -> dict:
+    total = sum(weights)
+    out = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            out[k] = sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True))
+        else:
+            out[k] = v.clone()
+    return out
+
+
+@torch.no_grad()
+def ensemble_accuracy(models: list[torch.nn.Module], images: torch.Tensor, labels: torch.Tensor) -> float:
+    if len(images) == 0:
+        return float("nan")
+    x = images.float() / 127.5 - 1
+    probs = sum(m.eval()(x).softmax(1) for m in models)
+    return float((probs.argmax(1) == labels).float().mean())
+
+
+# ----------------------------------------------------------------------------- privacy
+@torch.no_grad()
+def privacy_audit(comps, cfg: FedBiPConfig, data: ClientData, seed: int) -> dict:
+    """Honest-but-curious server: reconstruct each training image from its upload.
+
+    Attacks: decode z(T) directly; denoise z(T) with the client's own concepts. Reported:
+    SSIM/PSNR of the best reconstruction against its source image and against the most
+    similar other training image of the same class (gap near zero: the upload does not
+    single out its source). Run for the configured gamma/T and with interpolation off.
+    """
+    out = {}
+    t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
+    for name, interp in (("default", cfg.client.interpolate), ("no-interpolation", False)):
+        ccfg = dataclasses.replace(cfg.client, interpolate=interp)
+        p = personalize(comps, data, ccfg, template_for(cfg), t, seed, progress=False)
+        src = _f(data.train_images)
+        direct = comps.vae.decode(p.latents.float().to(comps.device) / comps.latent_scale).sample
+        direct = (direct.float().cpu() / 2 + 0.5).clamp(0, 1)
+        denoised, _ = synthesize_client(comps, dataclasses.replace(p), dataclasses.replace(cfg.server, concept_noise=0.0,
+                                        multiplier=1), seed, progress=False)  # fmt: skip
+        res = {}
+        for attack, rec in (("decode", direct), ("denoise", _f(denoised))):
+            s_src, p_src = ssim(rec, src), psnr(rec, src)
+            s_other, p_other = torch.zeros(len(src)), torch.zeros(len(src))
+            for i in range(len(src)):
+                same = torch.nonzero((data.train_labels == data.train_labels[i])).flatten()
+                same = same[same != i]
+                if len(same) == 0:
+                    s_other[i], p_other[i] = float("nan"), float("nan")
+                    continue
+                s_other[i] = ssim(rec[i : i + 1].expand(len(same), -1, -1, -1), src[same]).max()
+                p_other[i] = psnr(rec[i : i + 1].expand(len(same), -1, -1, -1), src[same]).max()
+            ok = ~torch.isnan(s_other)
+            res[attack] = {
+                "ssim_source": float(s_src.mean()), "ssim_nearest_other": float(s_other[ok].mean()),
+                "psnr_source": float(p_src.mean()), "psnr_nearest_other": float(p_other[ok].mean()),
+                "ssim_gap": float((s_src[ok] - s_other[ok]).mean()),
+                "psnr_gap": float((p_src[ok] - p_other[ok]).mean()),
+            }  # fmt: skip
+        best = max(res, key=lambda a: res[a]["ssim_source"])
+        out[name] = {"attacks": res, "best_attack": best, "timestep": t}
+    return out
+
+
+# ----------------------------------------------------------------------------- methods
+def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progress: bool = False,
+                audit: bool = True) -> dict:  # fmt: skip
+    overrides, n = SETTINGS[setting]
+    cfg = FedBiPConfig.from_run_config({**overrides, **extra, "seed": seed})
+    comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
+    t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
+    datas = [load_client_data(cfg.data, NodeConfig(k, n), seed) for k in range(n)]
+    num_classes = len(datas[0].class_names)
+    results: dict[str, dict] = {}
+    uploads: dict[tuple, tuple] = {}
+
+    names = [d.domain if len({dd.domain for dd in datas}) == n else f"{d.domain}#{k}" for k, d in enumerate(datas)]
+
+    def finish(name, x, y, bytes_, client_s, server_t0):
+        model, _ = train_classifier(x, y, num_classes, cfg.classifier, seed, comps.device, progress)
+        server_s = time.time() - server_t0
+        results[name] = {
+            "accuracy": {nm: evaluate(model, d.test_images, d.test_labels, comps.device) for nm, d in zip(names, datas)},
+            "upload_bytes": bytes_, "client_seconds": client_s, "server_seconds": server_s,
+            "num_train_images": len(x),
+        }  # fmt: skip
+
+    for m in methods:
+        log.info("[%s seed %d] %s", setting, seed, m)
+        t0 = time.time()
+        if m in FEDBIP_METHODS:
+            cover, sover, pkw = FEDBIP_METHODS[m]
+            mcfg = FedBiPConfig.from_run_config({**cfg.to_run_config(), **cover, **sover})
+            key = (json.dumps(cover, sort_keys=True), json.dumps(pkw, sort_keys=True))
+            if key not in uploads:
+                ps, secs = [], []
+                for k, d in enumerate(datas):
+                    c0 = time.time()
+                    ps.append(personalize(comps, d, mcfg.client, template_for(mcfg), t,
+                                          client_seed(mcfg, NodeConfig(k, n)), progress, **pkw))  # fmt: skip
+                    secs.append(time.time() - c0)
+                uploads[key] = (ps, secs)
+            ps, secs = uploads[key]
+            s0 = time.time()
+            xs, ys = zip(*[synthesize_client(comps, p, mcfg.server, seed * 1000 + k, progress) for k, p in enumerate(ps)])
+            bytes_ = [int(p.to_record_dict()["upload"].count_bytes()) for p in ps]
+            finish(m, torch.cat(xs), torch.cat(ys), bytes_, secs, s0)
+        elif m == "zero-shot":
+            s0 = time.time()
+            labels = torch.cat([d.train_labels for d in datas]).sort().values
+            prompts = [f"a {c}" for c in datas[0].class_names]
+            x, y = synthesize_from_prompts(comps, prompts, labels, cfg.server, seed, progress)
+            finish(m, x, y, [0] * n, [0.0] * n, s0)
+        elif m == "centralized":
+            s0 = time.time()
+            x = torch.cat([d.train_images for d in datas])
+            y = torch.cat([d.train_labels for d in datas])
+            finish(m, x, y, [int(d.train_images.numel()) for d in datas], [0.0] * n, s0)
+        elif m in ("fedavg-oneshot", "ensemble"):
+            key = ("local-models",)
+            if key not in uploads:
+                models, secs = [], []
+                for d in datas:
+                    c0 = time.time()
+                    mod, _ = train_classifier(d.train_images, d.train_labels, num_classes, cfg.classifier, seed,
+                                              comps.device, progress)  # fmt: skip
+                    models.append(mod)
+                    secs.append(time.time() - c0)
+                uploads[key] = (models, secs)
+            models, secs = uploads[key]
+            s0 = time.time()
+            nbytes = [sum(v.numel() * v.element_size() for v in state_to_cpu(mm).values()) for mm in models]
+            if m == "fedavg-oneshot":
+                glob = build_classifier(dataclasses.replace(cfg.classifier, pretrained=""), num_classes)
+                glob.load_state_dict(fedavg([state_to_cpu(mm) for mm in models], [len(d.train_labels) for d in datas]))
+                acc = {nm: evaluate(glob, d.test_images, d.test_labels) for nm, d in zip(names, datas)}
+            else:
+                acc = {nm: ensemble_accuracy(models, d.test_images, d.test_labels) for nm, d in zip(names, datas)}
+            results[m] = {"accuracy": acc, "upload_bytes": nbytes, "client_seconds": secs,
+                          "server_seconds": time.time() - s0, "num_train_images": 0}  # fmt: skip
+        else:
+            raise ValueError(f"unknown method {m!r}; known: {', '.join(ALL_METHODS)}")
+        results[m]["wall_seconds"] = time.time() - t0
+    privacy = None
+    if audit and setting.startswith("shapes"):
+        privacy = privacy_audit(comps, cfg, datas[0], seed)
+    return {"setting": setting, "seed": seed, "methods": results, "privacy": privacy, "config": cfg.to_run_config()}
+
+
+def summarize(runs: list[dict]) -> dict:
+    table: dict = {}
+    for r in runs:
+        for m, v in r["methods"].items():
+            e = table.setdefault(r["setting"], {}).setdefault(m, {"per_domain": {}, "means": [], "bytes": [],
+                                                                 "client_s": [], "server_s": []})  # fmt: skip
+            for d, a in v["accuracy"].items():
+                e["per_domain"].setdefault(d, []).append(a)
+            accs = [a for a in v["accuracy"].values() if a == a]
+            e["means"].append(sum(accs) / max(1, len(accs)))
+            e["bytes"].append(statistics.mean(v["upload_bytes"]))
+            e["client_s"].append(statistics.mean(v["client_seconds"]))
+            e["server_s"].append(v["server_seconds"])
+    return table
+
+
+def to_markdown(table: dict) -> str:
+    lines = []
+    for setting, methods in table.items():
+        domains = sorted({d for e in methods.values() for d in e["per_domain"]})
+        lines += [f"### {setting}", "", "| method | " + " | ".join(domains) + " | mean +- std | upload/client | client s | server s |",
+                  "|---" * (len(domains) + 5) + "|"]  # fmt: skip
+        for m, e in methods.items():
+            per = [f"{statistics.mean(e['per_domain'][d]):.3f}" if d in e["per_domain"] else "-" for d in domains]
+            sd = statistics.stdev(e["means"]) if len(e["means"]) > 1 else 0.0
+            b = statistics.mean(e["bytes"])
+            size = f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
+            lines.append(f"| {m} | " + " | ".join(per) + f" | {statistics.mean(e['means']):.3f} +- {sd:.3f} | {size} | "
+                         f"{statistics.mean(e['client_s']):.1f} | {statistics.mean(e['server_s']):.1f} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def privacy_markdown(runs: list[dict]) -> str:
+    lines = ["| setting | seed | upload | best attack | SSIM source | SSIM nearest other | gap | PSNR source | PSNR other |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in runs:
+        for name, v in (r.get("privacy") or {}).items():
+            a = v["attacks"][v["best_attack"]]
+            lines.append(f"| {r['setting']} | {r['seed']} | {name} (T={v['timestep']}) | {v['best_attack']} | "
+                         f"{a['ssim_source']:.3f} | {a['ssim_nearest_other']:.3f} | {a['ssim_gap']:+.3f} | "
+                         f"{a['psnr_source']:.2f} | {a['psnr_nearest_other']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- speed
+def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> dict:
+    """Client step cost vs. one UNet forward+backward; batched synthesis vs per-image pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = FedBiPConfig.from_run_config({**extra, "client.batch-size": batch, "client.steps": repeats})
+    comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
+    data = load_client_data(cfg.data, NodeConfig(0, 4), 0)
+    z0 = encode_images(comps, data.train_images[:batch])
+    # One UNet forward+backward with a gradient into the conditioning, as the client needs.
+    cond = torch.randn(batch, comps.tokenizer.model_max_length, comps.hidden_size, requires_grad=True)
+    t = torch.randint(0, 1000, (batch,))
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        comps.unet(z0.to(comps.device, comps.dtype), t.to(comps.device), cond.to(comps.device, comps.dtype)).sample.mean().backward()
+        times.append(time.perf_counter() - t0)
+    unet_s = statistics.median(times[1:])
+    tt = first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
+    p = personalize(comps, data, dataclasses.replace(cfg.client, steps=repeats + 1), template_for(cfg), tt, 0, False)
+    step_s = p.metrics["seconds-per-step"]
+    # Synthesis: our batched pipeline vs StableDiffusionPipeline called once per image.
+    p.latents, p.labels = p.latents[:images], p.labels[:images]
+    t0 = time.perf_counter()
+    synthesize_client(comps, p, cfg.server, 0, progress=False)
+    ours = images / (time.perf_counter() - t0)
+    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                   unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    n_single = min(images, 8)
+    res = cfg.data.resolution
+    t0 = time.perf_counter()
+    for i in range(n_single):
+        pipe(f"a {data.class_names[int(p.labels[i])]}", height=res, width=res, num_inference_steps=cfg.server.inference_steps,
+             guidance_scale=cfg.server.guidance_scale, generator=torch.Generator().manual_seed(i), output_type="pt")  # fmt: skip
+    single = n_single / (time.perf_counter() - t0)
+    return {
+        "device": str(comps.device), "threads": torch.get_num_threads(), "batch": batch,
+        "unet_fwd_bwd_s": unet_s, "client_step_s": step_s, "client_step_over_unet": step_s / unet_s,
+        "synthesis_images_per_s": ours, "pipeline_per_image_images_per_s": single,
+        "synthesis_speedup": ours / single, "inference_steps": cfg.server.inference_steps,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=("accuracy", "speed"))
+    p.add_argument("--settings", default="shapes-feature", help=f"comma list of {', '.join(SETTINGS)}")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--run-config", default="", help='extra overrides, e.g. "client.steps=60 classifier.epochs=20"')
+    p.add_argument("--smoke", action="store_true", help="tiny scale (seconds), for tests")
+    p.add_argument("--no-audit", action="store_true", help="skip the privacy audit")
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    p.add_argument("--progress", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from flwr.common.config import parse_config_args
+
+    extra = dict(parse_config_args([a.run_config])) if a.run_config else {}
+    if a.smoke:
+        extra = {**SMOKE, **extra}
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.mode == "speed":
+        r = speed(extra)
+        (a.out / "speed.json").write_text(json.dumps(r, indent=2))
+        print(f"client step {r['client_step_s'] * 1000:.1f} ms vs UNet fwd+bwd {r['unet_fwd_bwd_s'] * 1000:.1f} ms "
+              f"(batch {r['batch']}): {r['client_step_over_unet']:.2f}x")
+        print(f"synthesis {r['synthesis_images_per_s']:.2f} img/s batched vs {r['pipeline_per_image_images_per_s']:.2f} "
+              f"img/s one image per pipeline call ({r['inference_steps']} steps): {r['synthesis_speedup']:.1f}x")
+        return
+    t0 = time.time()
+    runs = [run_setting(s, a.methods.split(","), int(seed), extra, a.progress, not a.no_audit)
+            for s in a.settings.split(",") for seed in a.seeds.split(",")]  # fmt: skip
+    table = summarize(runs)
+    md = to_markdown(table) + "\n" + ("Privacy audit\n\n" + privacy_markdown(runs) if not a.no_audit else "")
+    (a.out / "benchmark.json").write_text(json.dumps({"runs": runs, "summary": table, "seconds": time.time() - t0},
+                                                     indent=2, default=float))  # fmt: skip
+    (a.out / "benchmark.md").write_text(md + "\n")
+    print(md)
+    print(f"wall time {time.time() - t0:.0f} s; written to {a.out}/benchmark.json and benchmark.md")
+
+
+if __name__ == "__main__":
+    main()
