@@ -200,3 +200,28 @@ def _check_cross(cfg: FedBiPConfig) -> None:
                 f"config key 'data.resolution': fedbip-shapes renders at {SUPPORTED_RESOLUTIONS}"
             )
 
+
+
+def config_table() -> str:
+    """The README's config table (``python -m fedbip_flower.config``)."""
+    rows = ["| Key | Default | Meaning |", "|---|---|---|"]
+    defaults = FedBiPConfig().to_run_config()
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = _key(prefix, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], key + ".")
+                continue
+            val = defaults[key]
+            shown = ("true" if val else "false") if isinstance(val, bool) else repr(val) if isinstance(val, str) else val
+            meaning = f.metadata["help"] + (f" ({' / '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else "")
+            rows.append(f"| `{key}` | `{shown}` | {meaning} |")
+
+    walk(FedBiPConfig, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(config_table())

@@ -45,3 +45,9 @@ def test_round_trip_and_coercion():
 def test_bad_config_names_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
         FedBiPConfig.from_run_config({key: value})
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in FedBiPConfig().to_run_config() if f"`{k}`" not in readme]
+    assert not missing, f"README config table lacks {missing}"

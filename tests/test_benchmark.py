@@ -1,0 +1,40 @@
+"""The benchmark's smoke scale runs every method end to end; the privacy metrics are sane."""
+
+from __future__ import annotations
+
+import torch
+
+from fedbip_flower import benchmark
+
+
+def test_metrics():
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.allclose(benchmark.ssim(x, x), torch.ones(3), atol=1e-5)
+    assert (benchmark.ssim(x, torch.rand(3, 3, 16, 16)) < 0.5).all()
+    assert (benchmark.psnr(x, x) > 90).all()
+
+
+def test_fedavg_weights():
+    a, b = {"w": torch.zeros(2), "n": torch.tensor(3)}, {"w": torch.ones(2), "n": torch.tensor(3)}
+    out = benchmark.fedavg([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.full((2,), 0.75)) and out["n"] == 3
+
+
+def test_smoke_benchmark_runs_all_methods(tiny_model, tmp_path):
+    extra = {**benchmark.SMOKE, "model.id": tiny_model, "data.domains": "medical,satellite"}
+    run = benchmark.run_setting("shapes-feature", list(benchmark.ALL_METHODS), 0, extra)
+    assert set(run["methods"]) == set(benchmark.ALL_METHODS)
+    for m, v in run["methods"].items():
+        assert len(v["accuracy"]) == 4 and all(0 <= a <= 1 for a in v["accuracy"].values()), m
+        assert len(v["upload_bytes"]) == 4
+    up = run["methods"]
+    assert up["fedbip-m"]["num_train_images"] == 5 * up["fedbip"]["num_train_images"]
+    assert up["concept-only"]["upload_bytes"][0] < up["fedbip"]["upload_bytes"][0]
+    assert up["fedavg-oneshot"]["upload_bytes"][0] > 10 * up["fedbip"]["upload_bytes"][0]
+    priv = run["privacy"]
+    assert set(priv) == {"default", "no-interpolation"}
+    for v in priv.values():
+        a = v["attacks"][v["best_attack"]]
+        assert -1 <= a["ssim_source"] <= 1 and a["psnr_source"] > 0
+    md = benchmark.to_markdown(benchmark.summarize([run]))
+    assert "| fedbip |" in md and "mean +- std" in md
