@@ -1,0 +1,667 @@
+"""Multi-site deployment of the FedBiP app: site data, Flower commands, bring-up helpers.
+
+The topology is Flower 1.42's "process isolation" (the same as ``docker/compose.yml``)::
+
+    SuperLink  (Fleet + Control + Runtime APIs on one port; TLS; SuperNode auth)
+      +-- flower-superexec          runs the ServerApp      (--root-certificates)
+    site N: SuperNode (--isolation process, Runtime API on 127.0.0.1:<9093+N>)
+      +-- flower-superexec          runs the site's ClientApp
+
+The scripts in ``scripts/deploy/`` are thin wrappers around this module's command line
+(``python -m fedbip_flower.deploy --help``), and ``tests/test_deployment.py`` builds its
+loopback deployment from the same functions, so the commands the docs show are the
+commands the test runs.
+
+Every role keeps its state in its own folder under the deployment folder (default
+``./deploy``): ``superlink/`` (``state.db``, logs, SuperExec secret, ``flwr-home``) and
+``site-N/`` (logs, SuperExec secret, ``flwr-home``). ``FLWR_HOME`` of a role is always
+``<its folder>/flwr-home``; the ``flwr`` CLI uses ``$FLWR_HOME`` or ``./deploy/flwr-home``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedbip_flower import shapes
+from fedbip_flower.launch import (
+    BIN,
+    LaunchError,
+    Processes,
+    find_results,
+    flower_env,
+    flwr_run,
+    free_port,
+    print_summary,
+    run_status,
+    wait_for_port,
+    write_connection,
+)
+
+SUPERLINK_PORT = 8000
+SITE_PORT_BASE = 9093  # site N serves its Runtime API on 127.0.0.1:(9093 + N)
+DEFAULT_CONNECTION = "fedbip"
+DEFAULT_DEPLOY_DIR = Path("deploy")
+SITE_STYLES = shapes.HELDOUT_STYLES  # site N gets SITE_STYLES[(N - 1) % 4] by default
+
+
+class DeployError(RuntimeError):
+    """Bad deployment input (missing certificate, key, data folder, ...)."""
+
+
+# ----------------------------------------------------------------------------- site data
+def site_style(site: int) -> str:
+    """Default held-out style (domain) of site ``site`` (1-based): medical, satellite, ..."""
+    return SITE_STYLES[(site - 1) % len(SITE_STYLES)]
+
+
+def write_site(out_dir: str | Path, style: str, per_class: int = 8, seed: int = 0, resolution: int = 32,
+               force: bool = False) -> Path:  # fmt: skip
+    """Write one site's data folder from the bundled benchmark; returns its absolute path.
+
+    Layout (what ``data-dir`` in a node config must name; see ``fedbip_flower.data``)::
+
+        <out_dir>/classes.txt                  class names, one per line (label = line index)
+        <out_dir>/train/metadata.csv           file_name,label,domain
+        <out_dir>/train/<class>/<style>_<i>.png
+
+    ``label`` is the class id (index into ``shapes.CLASSES``), ``domain`` the style name.
+    An existing ``train/`` folder is kept unless ``force``.
+    """
+    if style not in shapes.STYLES:
+        raise DeployError(f"unknown style {style!r}; known: {', '.join(shapes.STYLES)}")
+    if per_class < 1:
+        raise DeployError(f"per_class must be >= 1, got {per_class}")
+    out = Path(out_dir).expanduser().resolve()
+    train = out / "train"
+    if (train / "metadata.csv").exists():
+        if not force:
+            raise DeployError(f"{train / 'metadata.csv'} already exists (use force / --force to rewrite)")
+        shutil.rmtree(train)
+    from PIL import Image
+
+    images, labels, _ = shapes.render_array([style], per_class, seed, resolution)
+    slug = style.replace(" ", "-")
+    rows = []
+    for k, (img, label) in enumerate(zip(images, labels, strict=True)):
+        cls = shapes.CLASSES[int(label)]
+        rel = f"{cls}/{slug}_{k:05d}.png"
+        (train / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(train / rel)
+        rows.append((rel, int(label), style))
+    with open(train / "metadata.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file_name", "label", "domain"])
+        writer.writerows(rows)
+    (out / "classes.txt").write_text("\n".join(shapes.CLASSES) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+def ensure_secret(path: Path) -> Path:
+    """A SuperExec shared secret (random, mode 600), created if missing."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path
+
+
+def _local(host: str) -> str:
+    """The address a process on the same machine dials to reach a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "", "localhost") else host
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DeployError(f"{what} not found: {path}")
+    return path
+
+
+def superlink_commands(state_dir: Path, *, port: int = SUPERLINK_PORT, host: str = "0.0.0.0",
+                       certs_dir: Path | None = None, node_auth: bool = True,
+                       secret: Path | None = None) -> dict[str, list[str]]:  # fmt: skip
+    """Commands of the SuperLink role: ``superlink`` and ``superexec-serverapp``.
+
+    ``certs_dir`` (``ca.crt``, ``server.pem``, ``server.key`` from make-certs.sh) turns on
+    TLS; ``None`` is the insecure quick try (no TLS, no SuperNode authentication).
+    ``secret`` (a SuperExec shared secret file) authenticates the ServerApp SuperExec on
+    the Runtime API, which shares the public port with the Fleet API.
+    """
+    state_dir = Path(state_dir).resolve()
+    link = [str(BIN / "flower-superlink")]
+    execr = [str(BIN / "flower-superexec"), "--runtime-api-address", f"{_local(host)}:{port}"]
+    if certs_dir is not None:
+        certs_dir = Path(certs_dir).resolve()
+        ca = _need(certs_dir / "ca.crt", "CA certificate (make-certs.sh)")
+        link += ["--ssl-ca-certfile", str(ca),
+                 "--ssl-certfile", str(_need(certs_dir / "server.pem", "server certificate")),
+                 "--ssl-keyfile", str(_need(certs_dir / "server.key", "server key"))]  # fmt: skip
+        if node_auth:
+            link.append("--enable-supernode-auth")
+        execr += ["--root-certificates", str(ca)]
+    else:
+        link.append("--insecure")
+        execr.append("--insecure")
+    link += ["--isolation", "process", "--disable-runtime-dependency-installation",
+             "--host", host, "--port", str(port), "--database", str(state_dir / "state.db")]  # fmt: skip
+    if secret is not None:
+        link += ["--superexec-auth-secret-file", str(Path(secret).resolve())]
+        execr += ["--superexec-auth-secret-file", str(Path(secret).resolve())]
+    return {"superlink": link, "superexec-serverapp": execr}
+
+
+def node_config(site: int, data_dir: Path, num_sites: int = 3) -> str:
+    data = str(Path(data_dir).resolve())
+    if "'" in data or '"' in data:
+        raise DeployError(f"the data folder path must not contain quotes: {data}")
+    return f"data-dir='{data}' partition-id={site - 1} num-partitions={max(site, num_sites)}"
+
+
+def site_commands(site: int, data_dir: Path, *, superlink: str = f"127.0.0.1:{SUPERLINK_PORT}",
+                  port: int | None = None, root_cert: Path | None = None, key: Path | None = None,
+                  secret: Path | None = None, num_sites: int = 3) -> dict[str, list[str]]:  # fmt: skip
+    """Commands of site ``site``: ``supernode-N`` and ``superexec-clientapp-N``.
+
+    ``root_cert`` (the SuperLink's ``ca.crt``) turns on TLS to the SuperLink; ``None`` is
+    the insecure quick try. ``key`` is the site's private SuperNode key (make-node-keys.sh),
+    whose ``.pub`` must be registered on the SuperLink. The SuperNode's Runtime API listens
+    on 127.0.0.1 only; its ClientApp SuperExec runs on the same machine.
+    """
+    if site < 1:
+        raise DeployError(f"site numbers start at 1, got {site}")
+    data_dir = Path(data_dir).resolve()
+    if not (data_dir / "train" / "metadata.csv").is_file():
+        raise DeployError(f"{data_dir} is not a site data folder (no train/metadata.csv); "
+                          "make one with scripts/deploy/make-site-data.sh")  # fmt: skip
+    port = port or SITE_PORT_BASE + site
+    node = [str(BIN / "flower-supernode")]
+    if root_cert is not None:
+        node += ["--root-certificates", str(_need(Path(root_cert).resolve(), "CA certificate"))]
+    else:
+        node.append("--insecure")
+    if key is not None:
+        node += ["--auth-supernode-private-key", str(_need(Path(key).resolve(), "SuperNode private key"))]
+    node += ["--superlink", superlink, "--isolation", "process", "--host", "127.0.0.1", "--port", str(port),
+             "--node-config", node_config(site, data_dir, num_sites)]  # fmt: skip
+    execr = [str(BIN / "flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{port}"]
+    if secret is not None:
+        node += ["--superexec-auth-secret-file", str(Path(secret).resolve())]
+        execr += ["--superexec-auth-secret-file", str(Path(secret).resolve())]
+    return {f"supernode-{site}": node, f"superexec-clientapp-{site}": execr}
+
+
+def role_env(role_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a role's processes: FLWR_HOME=<role_dir>/flwr-home, offline HF, no telemetry."""
+    env = flower_env(Path(role_dir).resolve() / "flwr-home")
+    env.update(extra or {})
+    return env
+
+
+def cli_home(deploy_dir: Path = DEFAULT_DEPLOY_DIR) -> Path:
+    """FLWR_HOME of the ``flwr`` CLI: $FLWR_HOME if set, else <deploy_dir>/flwr-home."""
+    return Path(os.environ.get("FLWR_HOME") or Path(deploy_dir) / "flwr-home").resolve()
+
+
+def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+def register_node(public_key: Path, connection: str, env: dict[str, str], name: str | None = None) -> int:
+    """``flwr supernode register``; returns the node id. Raises DeployError on failure."""
+    args = ["supernode", "register", str(Path(public_key).resolve()), connection, "--format", "json"]
+    if name:
+        args += ["--name", name]
+    res = flwr_cli(args, env)
+    try:
+        data = json.loads(res.stdout)
+        return int(data["node-id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DeployError(f"`flwr supernode register {public_key}` failed ({res.returncode}):\n"
+                          f"{res.stdout}{res.stderr}") from err  # fmt: skip
+
+
+def supernodes(connection: str, env: dict[str, str]) -> list[dict]:
+    """``flwr supernode ls --format json``: one dict per registered node."""
+    res = flwr_cli(["supernode", "ls", connection, "--format", "json"], env)
+    try:
+        data = json.loads(res.stdout)
+    except json.JSONDecodeError as err:
+        raise DeployError(f"`flwr supernode ls` failed: {res.stdout}{res.stderr}") from err
+    nodes = data.get("nodes", data) if isinstance(data, dict) else data
+    return list(nodes or [])
+
+
+def wait_online(connection: str, env: dict[str, str], count: int, timeout: float = 60.0) -> list[dict]:
+    """Wait until ``count`` SuperNodes are online; returns them."""
+    deadline = time.time() + timeout
+    while True:
+        online = [n for n in supernodes(connection, env) if n.get("status") == "online"]
+        if len(online) >= count:
+            return online
+        if time.time() > deadline:
+            raise DeployError(f"only {len(online)} of {count} SuperNode(s) online after {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+# ----------------------------------------------------------------------------- running roles
+@contextlib.contextmanager
+def start_role(commands: dict[str, list[str]], env: dict[str, str], role_dir: Path,
+               ports: dict[str, int] | None = None, startup_timeout: float = 60.0) -> Iterator[Processes]:  # fmt: skip
+    """Start a role's processes in order (waiting for each listed port); stop all on exit."""
+    role_dir = Path(role_dir).resolve()
+    (role_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with Processes(env, role_dir / "logs") as procs:
+        try:
+            for name, argv in commands.items():
+                proc = procs.start(name, argv, cwd=role_dir)
+                if ports and name in ports:
+                    try:
+                        wait_for_port(ports[name], proc, startup_timeout)
+                    except LaunchError as err:
+                        raise LaunchError(f"{name}: {err}\n{procs.log(name)[-3000:]}") from err
+            yield procs
+        finally:
+            stop_all(procs)
+
+
+def stop_all(procs: Processes, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+    """Stop every process of ``procs`` and its process group; never raises.
+
+    ``sig`` goes to all groups at once; whatever still runs after ``grace`` seconds gets
+    SIGKILL. (``Processes.stop`` raises if a process outlives SIGKILL by 15 s, which happens
+    on a starved machine, and ``Processes.__exit__`` then skips the remaining processes.)
+    """
+    live = {n: p for n, p in procs.procs.items() if p.poll() is None}
+    for p in live.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, sig)
+    deadline = time.time() + (grace if sig != signal.SIGKILL else 0.0)
+    while time.time() < deadline and any(p.poll() is None for p in live.values()):
+        time.sleep(0.2)
+    for p in live.values():
+        if p.poll() is None or sig != signal.SIGKILL:
+            # SIGKILL the group too: children (flwr-clientapp / flwr-serverapp) may outlive the leader.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+    for p in live.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=120)
+
+
+class _LogTail:
+    """Echo new lines of the role's log files to stdout, prefixed with the process name."""
+
+    def __init__(self, procs: Processes):
+        self.procs, self.pos = procs, {}
+
+    def poll(self) -> None:
+        for name in self.procs.procs:
+            path = self.procs.log_dir / f"{name}.log"
+            if not path.exists():
+                continue
+            with open(path, errors="replace") as fh:
+                fh.seek(self.pos.get(name, 0))
+                text = fh.read()
+                self.pos[name] = fh.tell()
+            for line in text.splitlines():
+                print(f"[{name}] {line}", flush=True)
+
+
+def serve(commands: dict[str, list[str]], env: dict[str, str], role_dir: Path,
+          ports: dict[str, int] | None = None) -> int:  # fmt: skip
+    """Run a role in the foreground until Ctrl-C / SIGTERM or until one process exits."""
+
+    def _term(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
+    code, tail = 0, None
+    try:
+        with start_role(commands, env, role_dir, ports) as procs:
+            tail = _LogTail(procs)
+            tail.poll()
+            print(f"running: {', '.join(procs.procs)} (logs in {procs.log_dir}); Ctrl-C stops them", flush=True)
+            while True:
+                tail.poll()
+                dead = [(n, p.returncode) for n, p in procs.procs.items() if p.poll() is not None]
+                if dead:
+                    time.sleep(0.5)
+                    tail.poll()
+                    name, code = dead[0]
+                    print(f"{name} exited with code {code}; stopping the others", file=sys.stderr, flush=True)
+                    code = code or 1
+                    break
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if tail is not None:
+            tail.poll()  # the processes' last words
+    return code
+
+
+# ----------------------------------------------------------------------------- a whole deployment
+@dataclass
+class Deployment:
+    """A SuperLink role plus sites on one machine (loopback): the test's and quick try's topology.
+
+    ``tls=True`` makes certificates with ``scripts/deploy/make-certs.sh`` and node keys with
+    ``make-node-keys.sh`` (under ``root``), and turns on SuperNode authentication.
+    """
+
+    root: Path
+    tls: bool = True
+    port: int = SUPERLINK_PORT
+    connection: str = DEFAULT_CONNECTION
+    site_env: dict[str, str] = field(default_factory=dict)
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    sites: dict[int, Processes] = field(default_factory=dict)
+    site_stacks: dict[int, contextlib.ExitStack] = field(default_factory=dict)
+    link: Processes | None = None
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        self.certs, self.keys = self.root / "certs", self.root / "keys"
+        self.cli_env = flower_env(self.root / "flwr-home")
+        self.address = f"127.0.0.1:{self.port}"
+
+    # -- preparation (the scripts' make-certs.sh / make-node-keys.sh)
+    def make_certs(self) -> None:
+        _script("make-certs.sh", str(self.certs), "IP:127.0.0.1,DNS:localhost", env={"FLWR_CERT_BITS": "2048"})
+
+    def make_keys(self, count: int) -> None:
+        _script("make-node-keys.sh", str(self.keys), str(count))
+
+    def key(self, site: int) -> Path:
+        return self.keys / f"node{site}"
+
+    # -- roles
+    def start_superlink(self) -> Processes:
+        role = self.root / "superlink"
+        cmds = superlink_commands(role, port=self.port, host="127.0.0.1",
+                                  certs_dir=self.certs if self.tls else None,
+                                  secret=ensure_secret(role / "superexec.secret"))  # fmt: skip
+        self.link = self.stack.enter_context(start_role(cmds, role_env(role), role, {"superlink": self.port}))
+        write_connection(self.root / "flwr-home", self.connection, self.address,
+                         str(self.certs / "ca.crt") if self.tls else None)  # fmt: skip
+        return self.link
+
+    def register(self, site: int) -> int:
+        return register_node(self.key(site).with_suffix(".pub"), self.connection, self.cli_env, f"site-{site}")
+
+    def start_site(self, site: int, data_dir: Path, key: Path | None = None, port: int | None = None,
+                   num_sites: int = 3, wait: bool = True) -> Processes:  # fmt: skip
+        """Start site ``site`` (its own stack, so it can be stopped alone)."""
+        self.stop_site(site)
+        role = self.root / f"site-{site}"
+        port = port or free_port()
+        cmds = site_commands(site, data_dir, superlink=self.address, port=port,
+                             root_cert=self.certs / "ca.crt" if self.tls else None,
+                             key=(key or self.key(site)) if self.tls else None,
+                             secret=ensure_secret(role / "superexec.secret"), num_sites=num_sites)  # fmt: skip
+        stack = contextlib.ExitStack()
+        ports = {f"supernode-{site}": port} if wait else {}
+        try:
+            procs = stack.enter_context(start_role(cmds, role_env(role, self.site_env), role, ports))
+        except BaseException:
+            stack.close()
+            raise
+        self.sites[site], self.site_stacks[site] = procs, stack
+        return procs
+
+    def stop_site(self, site: int, sig: int = signal.SIGTERM) -> None:
+        """Stop a site: ``SIGKILL`` simulates a crash (no goodbye to the SuperLink)."""
+        procs, stack = self.sites.pop(site, None), self.site_stacks.pop(site, None)
+        if procs is not None:
+            stop_all(procs, sig)
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        for site in list(self.sites):
+            self.stop_site(site)
+        self.stack.close()
+
+    def __enter__(self) -> Deployment:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log(self, name: str) -> str:
+        """A process's log (``superlink``, ``supernode-N``, ``superexec-clientapp-N``, ...)."""
+        role = "superlink" if name in ("superlink", "superexec-serverapp") else f"site-{name.rsplit('-', 1)[-1]}"
+        path = self.root / role / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def clientapp_starts(self, site: int) -> int:
+        """ClientApp processes started by site ``site``'s SuperExec (one per message it received)."""
+        return self.log(f"superexec-clientapp-{site}").count("Start `flwr-clientapp` process")
+
+    # -- runs
+    def wait_online(self, count: int, timeout: float = 60.0) -> list[dict]:
+        return wait_online(self.connection, self.cli_env, count, timeout)
+
+    def run(self, app: Path, run_config: str, timeout: float = 900, echo: bool = False) -> tuple[int, str]:
+        return flwr_run(app, self.connection, self.cli_env, run_config, timeout=timeout, echo=echo)
+
+    def status(self, run_id: int, wait: float = 120) -> dict:
+        return run_status(run_id, self.connection, self.cli_env, wait=wait)
+
+
+def scripts_dir() -> Path:
+    """``scripts/deploy`` of the project (a source checkout)."""
+    return Path(__file__).resolve().parents[1] / "scripts" / "deploy"
+
+
+def _script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
+    path = scripts_dir() / name
+    if not path.is_file():
+        raise DeployError(f"{path} not found (the deploy scripts come with the source checkout)")
+    res = subprocess.run(["bash", str(path), *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **(env or {})}, check=False)  # fmt: skip
+    if res.returncode != 0:
+        raise DeployError(f"{name} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
+    return res.stdout
+
+
+# ----------------------------------------------------------------------------- checked run
+def checked_run(app: Path, connection: str, env: dict[str, str], output_dir: Path, run_config: str = "",
+                timeout: float = 3600, echo: bool = True) -> tuple[dict, dict]:  # fmt: skip
+    """``flwr run --stream``, then the real status from ``flwr ls`` and the run's results.json.
+
+    Raises LaunchError unless the run is ``finished:completed`` with results.
+    """
+    output_dir = Path(output_dir).resolve()
+    rc = f"output-dir='{output_dir}'" + (f" {run_config}" if run_config else "")
+    run_id, _ = flwr_run(app, connection, env, rc, timeout=timeout, echo=echo)
+    run = run_status(run_id, connection, env)
+    path = find_results(output_dir, run_id)
+    results = json.loads(path.read_text()) if path else {}
+    if run.get("status") != "finished:completed":
+        detail = run.get("status-details") or results.get("error") or ""
+        raise LaunchError(f"run {run_id} ended as {run.get('status')!r}: {detail}")
+    if not results:
+        raise LaunchError(f"run {run_id} completed but wrote no results.json under {output_dir}")
+    results["results_path"] = str(path)
+    return run, results
+
+
+def quick_try(app: Path, deploy_dir: Path, num_sites: int = 3, per_class: int = 8, run_config: str = "",
+              timeout: float = 3600) -> int:  # fmt: skip
+    """Insecure loopback try: SuperLink + ``num_sites`` sites on this machine, one run, stop all."""
+    deploy_dir = Path(deploy_dir).resolve() / "quick-try"
+    sites = []
+    for n in range(1, num_sites + 1):
+        folder = deploy_dir / "sites" / f"site-{n}"
+        if not (folder / "train" / "metadata.csv").is_file():
+            write_site(folder, site_style(n), per_class)
+        sites.append(folder)
+    port = free_port()
+    with Deployment(deploy_dir, tls=False, port=port, connection="fedbip-quick-try") as dep:
+        dep.start_superlink()
+        for n, folder in enumerate(sites, 1):
+            dep.start_site(n, folder, num_sites=num_sites)
+        dep.wait_online(num_sites)
+        print(f"SuperLink on {dep.address} (insecure), {num_sites} site(s) online; starting the run", flush=True)
+        try:
+            rc = f"min-clients={num_sites}" + (f" {run_config}" if run_config else "")
+            run, results = checked_run(app, dep.connection, dep.cli_env, deploy_dir / "outputs", rc, timeout)
+        except LaunchError as err:
+            print(f"\nFedBiP run FAILED: {err}\nlogs: {deploy_dir}/*/logs", file=sys.stderr)
+            return 1
+    print_summary(results)
+    print(f"run {run.get('run-id')} {run.get('status')}; outputs: {Path(results['results_path']).parent}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- command line
+def _project_root() -> Path:
+    from fedbip_flower.launch import project_root
+
+    return project_root()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fedbip_flower.deploy",
+                                description="FedBiP multi-site deployment helpers (see docs/deployment.md).")  # fmt: skip
+    p.add_argument("--deploy-dir", type=Path, default=DEFAULT_DEPLOY_DIR,
+                   help="deployment folder holding each role's state (default: ./deploy)")  # fmt: skip
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("make-site-data", help="write a site's data folder from the bundled benchmark",
+                       description="Write OUT_DIR/train/metadata.csv (file_name,label,domain), "
+                       "OUT_DIR/train/<class>/*.png and OUT_DIR/classes.txt from the bundled "
+                       "FedBiP-Shapes benchmark: one style (domain), 10 classes.")  # fmt: skip
+    s.add_argument("out_dir", type=Path, help="the site folder (a node config's data-dir)")
+    s.add_argument("style", nargs="?", default=None,
+                   help=f"one of: {', '.join(shapes.STYLES)} (default: site N's held-out style, "
+                   f"N=1..{len(SITE_STYLES)}: {', '.join(SITE_STYLES)})")  # fmt: skip
+    s.add_argument("--site", type=int, default=1, help="site number; picks the default style")
+    s.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
+    s.add_argument("--seed", type=int, default=0, help="rendering seed (default 0)")
+    s.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
+    s.add_argument("--force", action="store_true", help="rewrite an existing folder's train/")
+
+    s = sub.add_parser("superlink", help="run the SuperLink + ServerApp SuperExec in the foreground")
+    s.add_argument("--certs", type=Path, default=None, help="make-certs.sh folder (default: <deploy-dir>/certs)")
+    s.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth (loopback quick try only)")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=SUPERLINK_PORT)
+
+    s = sub.add_parser("site", help="run site N's SuperNode + ClientApp SuperExec in the foreground")
+    s.add_argument("site", type=int)
+    s.add_argument("data_dir", type=Path)
+    s.add_argument("--superlink", default=f"127.0.0.1:{SUPERLINK_PORT}", help="SuperLink host:port")
+    s.add_argument("--ca", type=Path, default=None, help="SuperLink CA certificate (default: <deploy-dir>/certs/ca.crt)")
+    s.add_argument("--key", type=Path, default=None, help="private node key (default: <deploy-dir>/keys/nodeN)")
+    s.add_argument("--port", type=int, default=None, help="Runtime API port (default: 9093 + N)")
+    s.add_argument("--num-sites", type=int, default=3)
+    s.add_argument("--insecure", action="store_true", help="no TLS, no node key (loopback quick try only)")
+
+    s = sub.add_parser("connection", help="write the flwr CLI connection into $FLWR_HOME/config.toml")
+    s.add_argument("--name", default=DEFAULT_CONNECTION)
+    s.add_argument("--superlink", default=f"127.0.0.1:{SUPERLINK_PORT}")
+    s.add_argument("--ca", type=Path, default=None, help="CA certificate (default: <deploy-dir>/certs/ca.crt)")
+    s.add_argument("--insecure", action="store_true")
+
+    s = sub.add_parser("register", help="flwr supernode register each public key")
+    s.add_argument("public_keys", type=Path, nargs="+")
+    s.add_argument("--connection", default=DEFAULT_CONNECTION)
+
+    s = sub.add_parser("run", help="flwr run + real status check + results summary")
+    s.add_argument("--connection", default=DEFAULT_CONNECTION)
+    s.add_argument("--app", type=Path, default=None)
+    s.add_argument("--output-dir", type=Path, default=None, help="default: <deploy-dir>/outputs")
+    s.add_argument("--run-config", default="")
+    s.add_argument("--timeout", type=float, default=3600)
+
+    s = sub.add_parser("quick-try", help="insecure loopback deployment: 1 SuperLink + N sites, one run, stop")
+    s.add_argument("--num-sites", type=int, default=3)
+    s.add_argument("--per-class", type=int, default=8)
+    s.add_argument("--app", type=Path, default=None)
+    s.add_argument("--run-config", default="")
+    s.add_argument("--timeout", type=float, default=3600)
+
+    a = p.parse_args(argv)
+    dd = a.deploy_dir.resolve()
+    try:
+        if a.cmd == "make-site-data":
+            style = a.style or site_style(a.site)
+            out = write_site(a.out_dir, style, a.per_class, a.seed, a.resolution, a.force)
+            print(f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r})")
+            return 0
+        if a.cmd == "superlink":
+            role = dd / "superlink"
+            certs = None if a.insecure else (a.certs or dd / "certs")
+            cmds = superlink_commands(role, port=a.port, host=a.host, certs_dir=certs,
+                                      secret=ensure_secret(role / "superexec.secret"))  # fmt: skip
+            print(f"SuperLink role folder: {role} ({'INSECURE' if a.insecure else 'TLS + SuperNode auth'})", flush=True)
+            return serve(cmds, role_env(role), role, {"superlink": a.port})
+        if a.cmd == "site":
+            role = dd / f"site-{a.site}"
+            port = a.port or SITE_PORT_BASE + a.site
+            cmds = site_commands(
+                a.site, a.data_dir, superlink=a.superlink, port=port,
+                root_cert=None if a.insecure else (a.ca or dd / "certs" / "ca.crt"),
+                key=None if a.insecure else (a.key or dd / "keys" / f"node{a.site}"),
+                secret=ensure_secret(role / "superexec.secret"), num_sites=a.num_sites,
+            )  # fmt: skip
+            print(f"site {a.site} role folder: {role}; data {a.data_dir.resolve()}; SuperLink {a.superlink}", flush=True)
+            return serve(cmds, role_env(role), role, {f"supernode-{a.site}": port})
+        home = cli_home(dd)
+        env = flower_env(home)
+        if a.cmd == "connection":
+            ca = None if a.insecure else (a.ca or dd / "certs" / "ca.crt").resolve()
+            if ca is not None:
+                _need(ca, "CA certificate")
+            write_connection(home, a.name, a.superlink, str(ca) if ca else None)
+            print(f"wrote connection {a.name!r} -> {a.superlink} into {home / 'config.toml'}")
+            return 0
+        if a.cmd == "register":
+            for key in a.public_keys:
+                node_id = register_node(key, a.connection, env, key.stem.replace("node", "site-"))
+                print(f"registered {key} as SuperNode {node_id} on {a.connection!r}")
+            return 0
+        if a.cmd == "run":
+            app = a.app or _project_root()
+            try:
+                run, results = checked_run(app, a.connection, env, a.output_dir or dd / "outputs",
+                                           a.run_config, a.timeout)  # fmt: skip
+            except LaunchError as err:
+                print(f"\nFedBiP run FAILED: {err}", file=sys.stderr)
+                return 1
+            print_summary(results)
+            print(f"run {run.get('run-id')} {run.get('status')}; outputs: {Path(results['results_path']).parent}")
+            return 0
+        if a.cmd == "quick-try":
+            return quick_try(a.app or _project_root(), dd, a.num_sites, a.per_class, a.run_config, a.timeout)
+    except (DeployError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

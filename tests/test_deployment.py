@@ -1,0 +1,338 @@
+"""A real multi-site deployment on loopback: TLS, SuperNode authentication, process isolation.
+
+One SuperLink (TLS with certificates from ``scripts/deploy/make-certs.sh``,
+``--enable-supernode-auth``, runtime dependency installation disabled, ``--isolation
+process``) with its ServerApp ``flower-superexec``, and three sites, each a
+``flower-supernode --isolation process`` with its own ``flower-superexec`` for the
+ClientApp and its own imagefolder (``data-dir`` in the node config): the topology of
+``docker/compose.yml``, built with the same functions as ``scripts/deploy/*.sh``
+(``fedbip_flower.deploy``). Node keys come from ``make-node-keys.sh`` and are registered
+with ``flwr supernode register``. All processes run on 127.0.0.1 (no network namespaces).
+
+The first three tests are fast checks of the helpers and scripts; the others are marked
+``slow`` and share one deployment (module-scoped fixture).
+
+``flwr run`` exits 0 even when the run fails, so every check reads the run's real status
+(``flwr ls --run-id``) and the ServerApp's ``results.json``.
+
+Node loss: a SuperNode that crashes (SIGKILL) stops sending heartbeats; the SuperLink marks
+it offline once ``2 x 30 s`` (Flower 1.42's heartbeat patience x interval) have passed since
+its last heartbeat and answers the ServerApp's pending message with a NODE_UNAVAILABLE
+error reply, so ``grid.send_and_receive`` returns before ``server.round-timeout``. A SuperNode
+that is stopped (SIGTERM) deactivates itself and is reported at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fedbip_flower import shapes
+from fedbip_flower.deploy import (
+    DeployError,
+    Deployment,
+    ensure_secret,
+    scripts_dir,
+    site_commands,
+    superlink_commands,
+    supernodes,
+    write_site,
+)
+from fedbip_flower.launch import find_results, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = (1, 2, 3)
+VICTIM = 3  # the site lost in the node-loss tests
+PER_CLASS = 4  # images per class in each site folder (10 classes)
+SHOTS, TEST_PER_CLASS = 2, 4  # a site folder leaves 2 test images per class (the bundled data would leave 4)
+# Not the styles the bundled benchmark would give partition-id N-1 (medical, satellite,
+# thermal), so results.json shows that each node read its own folder.
+STYLES = {1: "satellite", 2: "thermal", 3: "medical"}
+ROUND_TIMEOUT = 240.0  # backstop only: lost nodes are reported by Flower well before this
+SMALL = (
+    f"client.steps=2 data.shots={SHOTS} data.max-test-per-class={TEST_PER_CLASS} "
+    "server.inference-steps=2 classifier.epochs=1 server.wait-timeout=60 "
+    f"server.round-timeout={ROUND_TIMEOUT}"
+)
+RUN_TIMEOUT = 900.0
+SHARED: dict[str, dict] = {}  # results handed from one node-loss test to the next
+
+
+# ----------------------------------------------------------------------------- helpers
+def _diag(dep: Deployment, text: str = "") -> str:
+    """Log tails for assertion messages."""
+    names = ["superlink", "superexec-serverapp"]
+    names += [f"{kind}-{n}" for n in SITES for kind in ("supernode", "superexec-clientapp")]
+    parts = [f"--- flwr run ---\n{text[-3000:]}"] if text else []
+    parts += [f"--- {name} ---\n{dep.log(name)[-1500:]}" for name in names]
+    return "\n".join(parts)
+
+
+def _run(dep: Deployment, out: Path, min_clients: int) -> tuple[dict, dict, str]:
+    """``flwr run --stream``; returns (``flwr ls`` record, results.json or {}, CLI output)."""
+    run_id, text = dep.run(ROOT, f"output-dir='{out}' min-clients={min_clients} {SMALL}", timeout=RUN_TIMEOUT)
+    run = dep.status(run_id, wait=120)
+    path = find_results(out, run_id)
+    return run, json.loads(path.read_text()) if path else {}, text
+
+
+class Background(threading.Thread):
+    """Run ``fn`` in a thread (``flwr run --stream`` blocks until the run ends)."""
+
+    def __init__(self, fn: Callable[[], tuple[dict, dict, str]]):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test
+            self.error = err
+
+    def outcome(self) -> tuple[dict, dict, str]:
+        self.join(RUN_TIMEOUT + 180)
+        assert not self.is_alive(), "flwr run did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _wait_for_clientapp(dep: Deployment, site: int, baseline: int, bg: Background) -> None:
+    """Wait until ``site`` runs a ClientApp for the new run: the instruction has reached it."""
+    deadline = time.time() + 300
+    while dep.clientapp_starts(site) <= baseline:
+        assert bg.is_alive(), f"the run ended before site {site} got its instruction\n{_diag(dep)}"
+        assert time.time() < deadline, f"site {site} started no ClientApp in 300 s\n{_diag(dep)}"
+        time.sleep(0.5)
+
+
+def _offline_at(dep: Deployment, node_id: int) -> float:
+    """When the SuperLink marked ``node_id`` offline (``flwr supernode ls``; 1 s resolution)."""
+    for node in supernodes(dep.connection, dep.cli_env):
+        if int(node["node-id"]) == node_id:
+            assert node["status"] == "offline", node
+            stamp = dt.datetime.strptime(node["offline-at"], "%Y-%m-%d %H:%M:%SZ")
+            return stamp.replace(tzinfo=dt.timezone.utc).timestamp()
+    raise AssertionError(f"node {node_id} not listed by `flwr supernode ls`")
+
+
+def _ensure_sites(env: SimpleNamespace) -> None:
+    """(Re)start any site that a previous test stopped, then wait until all are online."""
+    for n in SITES:
+        if n not in env.dep.sites:
+            env.dep.start_site(n, env.data[n])
+            env.started += list(env.dep.sites[n].procs.values())
+    env.dep.wait_online(len(SITES), timeout=90)
+
+
+# ----------------------------------------------------------------------------- fixture
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory) -> SimpleNamespace:
+    """SuperLink (TLS + node auth) and three authenticated sites; everything stopped at the end."""
+    root = tmp_path_factory.mktemp("deploy")
+    started = []
+    # OMP_NUM_THREADS=1: three sites share two cores here.
+    with Deployment(root, port=free_port(), site_env={"OMP_NUM_THREADS": "1"}) as dep:
+        try:
+            dep.make_certs()
+            dep.make_keys(len(SITES) + 1)  # node4's key is never registered
+            started += list(dep.start_superlink().procs.values())
+            node_ids = {n: dep.register(n) for n in SITES}
+            data = {n: write_site(root / "data" / f"site-{n}", STYLES[n], PER_CLASS) for n in SITES}
+            env = SimpleNamespace(dep=dep, node_ids=node_ids, data=data, started=started, root=root)
+            _ensure_sites(env)
+            yield env
+        finally:
+            dep.close()
+            alive = [p.args[0] for p in started if p.poll() is None]
+            assert not alive, f"processes still running after the deployment stopped: {alive}"
+
+
+# ----------------------------------------------------------------------------- fast checks
+def _flag(argv: list[str], name: str) -> str:
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def test_site_folder(tmp_path: Path) -> None:
+    from fedbip_flower.config import FedBiPConfig
+    from fedbip_flower.data import NodeConfig, load_client_data
+
+    out = write_site(tmp_path / "site", "thermal", per_class=3)
+    rows = (out / "train" / "metadata.csv").read_text().splitlines()
+    assert rows[0] == "file_name,label,domain" and len(rows) == 1 + 10 * 3
+    assert (out / "classes.txt").read_text().split("\n")[:10] == list(shapes.CLASSES)
+    cfg = FedBiPConfig.from_run_config({"data.shots": 2, "data.max-test-per-class": 5})
+    data = load_client_data(cfg.data, NodeConfig(0, 3, str(out)), seed=0)
+    assert data.domain == "thermal" and data.class_names == list(shapes.CLASSES)
+    assert len(data.train_labels) == 20 and len(data.test_labels) == 10
+    with pytest.raises(DeployError, match="already exists"):
+        write_site(out, "thermal", per_class=3)
+
+
+def test_commands_match_the_compose_topology(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (certs / name).write_text("x")
+    secret = ensure_secret(tmp_path / "s" / "superexec.secret")
+    assert oct(secret.stat().st_mode & 0o777) == "0o600" and len(secret.read_text()) == 64
+    cmds = superlink_commands(tmp_path / "link", port=8443, certs_dir=certs, secret=secret)
+    link, execr = cmds["superlink"], cmds["superexec-serverapp"]
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    assert "--disable-runtime-dependency-installation" in link
+    assert _flag(link, "--isolation") == "process" and _flag(link, "--port") == "8443"
+    assert _flag(link, "--ssl-certfile") == str(certs / "server.pem")
+    assert _flag(execr, "--root-certificates") == str(certs / "ca.crt") and "--insecure" not in execr
+    assert _flag(execr, "--runtime-api-address") == "127.0.0.1:8443"
+    assert _flag(link, "--superexec-auth-secret-file") == _flag(execr, "--superexec-auth-secret-file")
+
+    data = write_site(tmp_path / "data" / "site-2", "medical", per_class=1)
+    (tmp_path / "node2").write_text("k")
+    cmds = site_commands(2, data, superlink="link.example.org:8443", root_cert=certs / "ca.crt",
+                         key=tmp_path / "node2", secret=secret)  # fmt: skip
+    node, execr = cmds["supernode-2"], cmds["superexec-clientapp-2"]
+    assert _flag(node, "--superlink") == "link.example.org:8443" and "--insecure" not in node
+    assert _flag(node, "--auth-supernode-private-key") == str(tmp_path / "node2")
+    assert _flag(node, "--isolation") == "process" and _flag(node, "--port") == "9095"
+    assert parse_config_args([_flag(node, "--node-config")]) == {
+        "data-dir": str(data), "partition-id": 1, "num-partitions": 3}  # fmt: skip
+    assert "--insecure" in execr and _flag(execr, "--runtime-api-address") == "127.0.0.1:9095"
+
+    quick = superlink_commands(tmp_path / "link", certs_dir=None)["superlink"]
+    assert "--insecure" in quick and "--enable-supernode-auth" not in quick
+
+
+def test_scripts_print_usage() -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    names = ["start-superlink.sh", "start-site.sh", "connect.sh", "register-nodes.sh", "run.sh", "quick-try.sh"]
+    for name in names:
+        res = subprocess.run(["bash", str(scripts_dir() / name), "--help"], capture_output=True, text=True,
+                             env=env, timeout=60, check=False)  # fmt: skip
+        assert res.returncode == 0 and "Usage:" in res.stdout, (name, res.stdout, res.stderr)
+    res = subprocess.run(["bash", str(scripts_dir() / "start-site.sh")], capture_output=True, text=True,
+                         env=env, timeout=60, check=False)  # fmt: skip
+    assert res.returncode == 2 and "Usage:" in res.stderr
+    res = subprocess.run([sys.executable, str(scripts_dir() / "make-site-data.py"), "--help"],
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert res.returncode == 0 and "metadata.csv" in res.stdout, res.stderr
+
+
+# ----------------------------------------------------------------------------- deployment
+@pytest.mark.slow
+def test_unregistered_node_is_refused(deployment: SimpleNamespace) -> None:
+    dep = deployment.dep
+    procs = dep.start_site(4, deployment.data[1], key=dep.key(4), wait=False)
+    deployment.started += list(procs.procs.values())
+    try:
+        code = procs.procs["supernode-4"].wait(timeout=240)
+        log = procs.log("supernode-4")
+    finally:
+        dep.stop_site(4)
+    assert code != 0, log
+    assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log, log
+    online = {int(n["node-id"]) for n in supernodes(dep.connection, dep.cli_env) if n["status"] == "online"}
+    assert online == set(deployment.node_ids.values())
+
+
+@pytest.mark.slow
+def test_three_sites_complete(deployment: SimpleNamespace) -> None:
+    dep = deployment.dep
+    _ensure_sites(deployment)
+    run, res, text = _run(dep, deployment.root / "out-three", 3)
+
+    assert run["status"] == "finished:completed", f"{run}\n{_diag(dep, text)}"
+    assert res.get("status") == "completed", res.get("error")
+    by_id = {c["node_id"]: c for c in res["clients"]}
+    assert set(by_id) == set(deployment.node_ids.values())
+    for n, node_id in deployment.node_ids.items():
+        c = by_id[node_id]
+        assert c["status"] == "accepted", c
+        assert c["domain"] == STYLES[n], c  # the node read its own data-dir
+        assert 0.0 <= c["accuracy"] <= 1.0
+        assert c["num_test"] == 10 * (PER_CLASS - SHOTS)
+        assert c["num_images"] == 10 * SHOTS and c["upload_bytes"] > 0
+    assert res["mean_accuracy"] is not None
+    assert res["config"]["model.id"] == "bundled"
+
+
+@pytest.mark.slow
+def test_lost_node_run_completes_with_the_others(deployment: SimpleNamespace) -> None:
+    """min-clients=2: a site crashes (SIGKILL) mid-round; the run finishes with the other two."""
+    dep, ids = deployment.dep, deployment.node_ids
+    _ensure_sites(deployment)
+    baseline = dep.clientapp_starts(VICTIM)
+    bg = Background(lambda: _run(dep, deployment.root / "out-lost-min2", 2))
+    bg.start()
+    _wait_for_clientapp(dep, VICTIM, baseline, bg)
+    killed_at = time.time()
+    dep.stop_site(VICTIM, signal.SIGKILL)  # a crash: no goodbye to the SuperLink
+    run, res, text = bg.outcome()
+
+    assert run["status"] == "finished:completed", f"{run}\n{_diag(dep, text)}"
+    by_id = {c["node_id"]: c for c in res["clients"]}
+    lost = by_id[ids[VICTIM]]
+    assert lost["status"] == "rejected" and lost["reason"], lost
+    assert lost["accuracy"] is None
+    for n in SITES:
+        if n != VICTIM:
+            c = by_id[ids[n]]
+            assert c["status"] == "accepted" and 0.0 <= c["accuracy"] <= 1.0, c
+    # Flower reported the loss (heartbeat expiry), not FedBiP's round timeout.
+    assert res["timings_s"]["clients"] < ROUND_TIMEOUT - 30, res["timings_s"]
+    detected = _offline_at(dep, ids[VICTIM]) - killed_at
+    print(f"\nSIGKILL: node marked offline {detected:.0f} s after the kill; "
+          f"upload round took {res['timings_s']['clients']:.0f} s")  # fmt: skip
+    assert -2 <= detected <= 75  # 2 x 30 s after the last heartbeat (sent every 17.5-22.5 s)
+    SHARED["lost-min2"] = res
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "FedBiPStrategy keys replies by metadata.src_node_id, but Flower's NODE_UNAVAILABLE error "
+    "reply comes from the SuperLink (src_node_id=1): results.json gets a bogus node-1 record and "
+    "the lost node the reason 'no reply before the round timeout'. Fix: map reply_to_message_id "
+    "to the instruction's dst_node_id (see docs/deployment.md, 'Node loss')."
+))  # fmt: skip
+def test_lost_node_is_reported_under_its_own_id(deployment: SimpleNamespace) -> None:
+    res = SHARED.get("lost-min2")
+    assert res, "needs test_lost_node_run_completes_with_the_others"
+    by_id = {c["node_id"]: c for c in res["clients"]}
+    assert set(by_id) == set(deployment.node_ids.values()), sorted(by_id)
+    assert "unavailable" in by_id[deployment.node_ids[VICTIM]]["reason"].lower()
+
+
+@pytest.mark.slow
+def test_lost_node_below_min_clients_fails(deployment: SimpleNamespace) -> None:
+    """min-clients=3: a site is stopped (SIGTERM) mid-round; the run fails naming min-clients."""
+    dep, ids = deployment.dep, deployment.node_ids
+    _ensure_sites(deployment)  # restarts the site lost above, with the same registered key
+    baseline = dep.clientapp_starts(VICTIM)
+    bg = Background(lambda: _run(dep, deployment.root / "out-lost-min3", 3))
+    bg.start()
+    _wait_for_clientapp(dep, VICTIM, baseline, bg)
+    stopped_at = time.time()
+    dep.stop_site(VICTIM, signal.SIGTERM)  # a clean stop: the SuperNode deactivates itself
+    run, res, text = bg.outcome()
+
+    assert run["status"] == "finished:failed", f"{run}\n{_diag(dep, text)}"
+    assert res.get("status") == "failed", res
+    assert "only 2 good upload(s), min-clients is 3" in res["error"], res["error"]
+    assert ids[VICTIM] in {c["node_id"] for c in res["clients"] if c["status"] == "rejected"}
+    assert res["timings_s"]["clients"] < ROUND_TIMEOUT - 30, res["timings_s"]
+    detected = _offline_at(dep, ids[VICTIM]) - stopped_at
+    print(f"\nSIGTERM: node offline {detected:.0f} s after the stop; status-details: {run.get('status-details')}")
+    assert -2 <= detected <= 15
