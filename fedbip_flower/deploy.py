@@ -217,7 +217,7 @@ def cli_home(deploy_dir: Path = DEFAULT_DEPLOY_DIR) -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path(deploy_dir) / "flwr-home").resolve()
 
 
-def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)  # fmt: skip
 
@@ -467,7 +467,14 @@ class Deployment:
         return flwr_run(app, self.connection, self.cli_env, run_config, timeout=timeout, echo=echo)
 
     def status(self, run_id: int, wait: float = 120) -> dict:
-        return run_status(run_id, self.connection, self.cli_env, wait=wait)
+        """The run's ``flwr ls`` record once finished (retried: the CLI can be slow on a loaded machine)."""
+        for attempt in range(3):
+            try:
+                return run_status(run_id, self.connection, self.cli_env, wait=wait)
+            except subprocess.TimeoutExpired:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def scripts_dir() -> Path:

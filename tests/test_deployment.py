@@ -59,13 +59,15 @@ SHOTS, TEST_PER_CLASS = 2, 4  # a site folder leaves 2 test images per class (th
 # Not the styles the bundled benchmark would give partition-id N-1 (medical, satellite,
 # thermal), so results.json shows that each node read its own folder.
 STYLES = {1: "satellite", 2: "thermal", 3: "medical"}
-ROUND_TIMEOUT = 240.0  # backstop only: lost nodes are reported by Flower well before this
+# Backstop only: Flower reports a lost node within ~60 s; a loaded 2-core CI box needs minutes
+# for a healthy round (seen: > 240 s while another test suite ran), so keep this generous.
+ROUND_TIMEOUT = 900.0
 SMALL = (
     f"client.steps=2 data.shots={SHOTS} data.max-test-per-class={TEST_PER_CLASS} "
     "server.inference-steps=2 classifier.epochs=1 server.wait-timeout=60 "
     f"server.round-timeout={ROUND_TIMEOUT}"
 )
-RUN_TIMEOUT = 900.0
+RUN_TIMEOUT = 1800.0
 SHARED: dict[str, dict] = {}  # results handed from one node-loss test to the next
 
 
@@ -110,10 +112,10 @@ class Background(threading.Thread):
 
 def _wait_for_clientapp(dep: Deployment, site: int, baseline: int, bg: Background) -> None:
     """Wait until ``site`` runs a ClientApp for the new run: the instruction has reached it."""
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while dep.clientapp_starts(site) <= baseline:
         assert bg.is_alive(), f"the run ended before site {site} got its instruction\n{_diag(dep)}"
-        assert time.time() < deadline, f"site {site} started no ClientApp in 300 s\n{_diag(dep)}"
+        assert time.time() < deadline, f"site {site} started no ClientApp in 900 s\n{_diag(dep)}"
         time.sleep(0.5)
 
 
@@ -133,7 +135,7 @@ def _ensure_sites(env: SimpleNamespace) -> None:
         if n not in env.dep.sites:
             env.dep.start_site(n, env.data[n])
             env.started += list(env.dep.sites[n].procs.values())
-    env.dep.wait_online(len(SITES), timeout=90)
+    env.dep.wait_online(len(SITES), timeout=300)
 
 
 # ----------------------------------------------------------------------------- fixture
@@ -292,7 +294,7 @@ def test_lost_node_run_completes_with_the_others(deployment: SimpleNamespace) ->
             c = by_id[ids[n]]
             assert c["status"] == "accepted" and 0.0 <= c["accuracy"] <= 1.0, c
     # Flower reported the loss (heartbeat expiry), not FedBiP's round timeout.
-    assert res["timings_s"]["clients"] < ROUND_TIMEOUT - 30, res["timings_s"]
+    assert res["timings_s"]["clients"] < ROUND_TIMEOUT - 60, res["timings_s"]
     detected = _offline_at(dep, ids[VICTIM]) - killed_at
     print(f"\nSIGKILL: node marked offline {detected:.0f} s after the kill; "
           f"upload round took {res['timings_s']['clients']:.0f} s")  # fmt: skip
@@ -332,7 +334,7 @@ def test_lost_node_below_min_clients_fails(deployment: SimpleNamespace) -> None:
     assert res.get("status") == "failed", res
     assert "only 2 good upload(s), min-clients is 3" in res["error"], res["error"]
     assert ids[VICTIM] in {c["node_id"] for c in res["clients"] if c["status"] == "rejected"}
-    assert res["timings_s"]["clients"] < ROUND_TIMEOUT - 30, res["timings_s"]
+    assert res["timings_s"]["clients"] < ROUND_TIMEOUT - 60, res["timings_s"]
     detected = _offline_at(dep, ids[VICTIM]) - stopped_at
     print(f"\nSIGTERM: node offline {detected:.0f} s after the stop; status-details: {run.get('status-details')}")
     assert -2 <= detected <= 15
