@@ -73,6 +73,13 @@ class FedBiPStrategy(Strategy):
         self.class_names: list[str] = []
         self.timings: dict[str, float] = {}
         self._t_sent = 0.0
+        self._sent: list[Message] = []
+
+    def _sender(self, rep: Message) -> int:
+        """The node a reply is about. Flower's own error replies (e.g. NODE_UNAVAILABLE for a
+        lost node) come from the SuperLink, so map the instruction's id back to its node."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        return sent.get(rep.metadata.reply_to_message_id, rep.metadata.src_node_id)
 
     # ------------------------------------------------------------------ helpers
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -105,12 +112,13 @@ class FedBiPStrategy(Strategy):
             self.clients[nid] = ClientRecord(nid)
             content = RecordDict({"config": ConfigRecord(dict(config))})
             msgs.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
+        self._sent = msgs  # the Grid sets their message ids in place when it pushes them
         return msgs
 
     def _collect(self, replies: Iterable[Message]) -> None:
         seen = set()
         for rep in replies:
-            nid = rep.metadata.src_node_id
+            nid = self._sender(rep)
             seen.add(nid)
             rec = self.clients.setdefault(nid, ClientRecord(nid))
             if rep.has_error():
@@ -184,12 +192,13 @@ class FedBiPStrategy(Strategy):
         for nid in sorted(n for n in self.clients if n in online):
             content = RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))})
             msgs.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=nid))
+        self._sent = msgs
         log.info("sending the classifier to %d node(s) for evaluation", len(msgs))
         return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         for rep in replies:
-            nid = rep.metadata.src_node_id
+            nid = self._sender(rep)
             rec = self.clients.setdefault(nid, ClientRecord(nid))
             if rep.has_error():
                 log.warning("node %s failed to evaluate: %s", nid, rep.error.reason)

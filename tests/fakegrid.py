@@ -68,7 +68,9 @@ class FakeGrid(Grid):
         replies = []
         for m in messages:
             nid = m.metadata.dst_node_id
-            m = instruction(m.content, m.metadata.message_type, nid)
+            sent = instruction(m.content, m.metadata.message_type, nid)
+            m.metadata.__dict__["_message_id"] = sent.metadata.message_id  # as Flower's grids do
+            m = sent
             self.sent.append(m)
             if nid in self.lost:
                 continue

@@ -303,12 +303,6 @@ def test_lost_node_run_completes_with_the_others(deployment: SimpleNamespace) ->
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "FedBiPStrategy keys replies by metadata.src_node_id, but Flower's NODE_UNAVAILABLE error "
-    "reply comes from the SuperLink (src_node_id=1): results.json gets a bogus node-1 record and "
-    "the lost node the reason 'no reply before the round timeout'. Fix: map reply_to_message_id "
-    "to the instruction's dst_node_id (see docs/deployment.md, 'Node loss')."
-))  # fmt: skip
 def test_lost_node_is_reported_under_its_own_id(deployment: SimpleNamespace) -> None:
     res = SHARED.get("lost-min2")
     assert res, "needs test_lost_node_run_completes_with_the_others"
