@@ -124,7 +124,7 @@ def privacy_audit(comps, cfg: FedBiPConfig, data: ClientData, seed: int) -> dict
         p = personalize(comps, data, ccfg, template_for(cfg), t, seed, progress=False)
         src = _f(data.train_images)
         with torch.no_grad():
-            direct = comps.vae.decode(p.latents.float().to(comps.device) / comps.latent_scale).sample
+            direct = comps.vae.decode(p.latents.to(comps.device, comps.dtype) / comps.latent_scale).sample
         direct = (direct.float().cpu() / 2 + 0.5).clamp(0, 1)
         denoised, _ = synthesize_client(comps, dataclasses.replace(p), dataclasses.replace(cfg.server, concept_noise=0.0,
                                         multiplier=1), seed, progress=False)  # fmt: skip
@@ -181,16 +181,22 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
         if m in FEDBIP_METHODS:
             cover, sover, pkw = FEDBIP_METHODS[m]
             mcfg = FedBiPConfig.from_run_config({**cfg.to_run_config(), **cover, **sover})
-            key = (json.dumps(cover, sort_keys=True), json.dumps(pkw, sort_keys=True))
+            # Whether latents are uploaded does not change S and V: such methods share the
+            # personalization and drop the latents.
+            train_cover = {k: v for k, v in cover.items() if k != "client.upload-latents"}
+            tcfg = FedBiPConfig.from_run_config({**cfg.to_run_config(), **train_cover})
+            key = (json.dumps(train_cover, sort_keys=True), json.dumps(pkw, sort_keys=True))
             if key not in uploads:
                 ps, secs = [], []
                 for k, d in enumerate(datas):
                     c0 = time.time()
-                    ps.append(personalize(comps, d, mcfg.client, template_for(mcfg), t,
-                                          client_seed(mcfg, NodeConfig(k, n)), progress, **pkw))  # fmt: skip
+                    ps.append(personalize(comps, d, tcfg.client, template_for(tcfg), t,
+                                          client_seed(tcfg, NodeConfig(k, n)), progress, **pkw))  # fmt: skip
                     secs.append(time.time() - c0)
                 uploads[key] = (ps, secs)
             ps, secs = uploads[key]
+            if not mcfg.client.upload_latents:
+                ps = [dataclasses.replace(p, latents=p.latents[:0]) for p in ps]
             s0 = time.time()
             xs, ys = zip(*[synthesize_client(comps, p, mcfg.server, seed * 1000 + k, progress) for k, p in enumerate(ps)])
             bytes_ = [int(p.to_record_dict()["upload"].count_bytes()) for p in ps]
@@ -283,6 +289,11 @@ def privacy_markdown(runs: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- speed
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> dict:
     """Client step cost vs. one UNet forward+backward; batched synthesis vs per-image pipeline."""
     from diffusers import StableDiffusionPipeline
@@ -296,8 +307,10 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
     t = torch.randint(0, 1000, (batch,))
     times = []
     for _ in range(repeats + 1):
+        _sync(comps.device)
         t0 = time.perf_counter()
         comps.unet(z0.to(comps.device, comps.dtype), t.to(comps.device), cond.to(comps.device, comps.dtype)).sample.mean().backward()
+        _sync(comps.device)
         times.append(time.perf_counter() - t0)
     unet_s = statistics.median(times[1:])
     tt = first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
@@ -305,9 +318,11 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
     step_s = p.metrics["seconds-per-step"]
     # Synthesis: our batched pipeline vs StableDiffusionPipeline called once per image.
     p.latents, p.labels = p.latents[:images], p.labels[:images]
+    _sync(comps.device)
     t0 = time.perf_counter()
     synthesize_client(comps, p, cfg.server, 0, progress=False)
-    ours = images / (time.perf_counter() - t0)
+    _sync(comps.device)
+    ours = len(p.labels) / (time.perf_counter() - t0)
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                                    unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)  # fmt: skip
@@ -318,9 +333,14 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
     for i in range(n_single):
         pipe(f"a {data.class_names[int(p.labels[i])]}", height=res, width=res, num_inference_steps=cfg.server.inference_steps,
              guidance_scale=cfg.server.guidance_scale, generator=torch.Generator().manual_seed(i), output_type="pt")  # fmt: skip
+    _sync(comps.device)
     single = n_single / (time.perf_counter() - t0)
+    cuda = comps.device.type == "cuda"
     return {
-        "device": str(comps.device), "threads": torch.get_num_threads(), "batch": batch,
+        "device": torch.cuda.get_device_name(comps.device) if cuda else "cpu", "threads": torch.get_num_threads(),
+        "model": comps.source, "dtype": str(comps.dtype), "resolution": res, "batch": batch,
+        "synthesis_batch": cfg.server.batch_size, "images": len(p.labels),
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(comps.device) / 2**30 if cuda else None,
         "unet_fwd_bwd_s": unet_s, "client_step_s": step_s, "client_step_over_unet": step_s / unet_s,
         "synthesis_images_per_s": ours, "pipeline_per_image_images_per_s": single,
         "synthesis_speedup": ours / single, "inference_steps": cfg.server.inference_steps,
@@ -338,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-audit", action="store_true", help="skip the privacy audit")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--batch", type=int, default=32, help="speed: client batch size")
+    p.add_argument("--images", type=int, default=64, help="speed: images to synthesize")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from flwr.common.config import parse_config_args
@@ -347,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         extra = {**SMOKE, **extra}
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "speed":
-        r = speed(extra)
+        r = speed(extra, a.batch, images=a.images)
         (a.out / "speed.json").write_text(json.dumps(r, indent=2))
+        print(f"{r['device']}, {r['dtype']}, {r['resolution']} px, model {r['model']}")
         print(f"client step {r['client_step_s'] * 1000:.1f} ms vs UNet fwd+bwd {r['unet_fwd_bwd_s'] * 1000:.1f} ms "
               f"(batch {r['batch']}): {r['client_step_over_unet']:.2f}x")
         print(f"synthesis {r['synthesis_images_per_s']:.2f} img/s batched vs {r['pipeline_per_image_images_per_s']:.2f} "

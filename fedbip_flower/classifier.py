@@ -58,14 +58,17 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_classifier(
     images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
-    seed: int, device: torch.device, progress: bool = True,
+    seed: int, device: torch.device, progress: bool = True, model: torch.nn.Module | None = None,
 ) -> tuple[torch.nn.Module, dict[str, float]]:  # fmt: skip
-    """Train on uint8 images (N, 3, H, W); returns the model (eval mode, CPU) and stats."""
+    """Train on uint8 images (N, 3, H, W); returns the model (eval mode, CPU) and stats.
+
+    ``model`` replaces the configured ResNet-18 (the LDM report's judge uses a small CNN).
+    """
     if len(images) == 0:
         raise ValueError("no training images for the classifier")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = build_classifier(cfg, num_classes).to(device)
+    model = (model if model is not None else build_classifier(cfg, num_classes)).to(device)
     # The optimizer is built after the model is final, so the new head is trained too.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)

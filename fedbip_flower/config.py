@@ -53,7 +53,7 @@ class ClientConfig:
     init: str = _f("word", "concept initialisation: natural-word embeddings or random", ("word", "random"))
     steps: int = _f(120, "optimisation steps of S and V", lo=0)
     batch_size: int = _f(32, "images per optimisation step", lo=1)
-    lr: float = _f(0.02, "Adam learning rate of S and V", lo=0.0)
+    lr: float = _f(0.01, "Adam step size of S and V, relative to the RMS of their initial vectors", lo=0.0)
     timestep: int = _f(0, "noise timestep T of the uploaded latents; 0 = the server's first inference timestep", lo=0, hi=999)
     interpolate: bool = _f(True, "mix each latent with a same-class partner (instance level)")
     gamma_mean: float = _f(0.5, "mean of the interpolation weight gamma", lo=0.0, hi=1.0)
@@ -64,7 +64,7 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    inference_steps: int = _f(20, "DDIM steps of the full schedule", lo=1, hi=1000)
+    inference_steps: int = _f(5, "DDIM steps of the full schedule (its first timestep is the default T)", lo=1, hi=1000)
     guidance_scale: float = _f(3.0, "classifier-free guidance scale", lo=0.0)
     ddim_eta: float = _f(0.0, "DDIM eta (0 = deterministic)", lo=0.0, hi=1.0)
     concept_noise: float = _f(0.1, "std sigma of the per-image noise added to S", lo=0.0)
@@ -81,9 +81,9 @@ class ClassifierConfig:
     arch: str = _f("resnet18", "torchvision classifier", ("resnet18",))
     stem: str = _f("imagenet", "ResNet stem: ImageNet 7x7/2 + maxpool, or CIFAR 3x3/1", ("imagenet", "cifar"))
     pretrained: str = _f("", "path to ImageNet weights (.pth / .safetensors); empty = random init")
-    epochs: int = _f(30, "training epochs", lo=1)
+    epochs: int = _f(15, "training epochs", lo=1)
     batch_size: int = _f(64, "batch size", lo=1)
-    lr: float = _f(0.05, "SGD learning rate (cosine schedule)", lo=0.0)
+    lr: float = _f(0.02, "SGD peak learning rate (one-cycle schedule)", lo=0.0)
     momentum: float = _f(0.9, "SGD momentum", lo=0.0, hi=1.0)
     weight_decay: float = _f(5e-4, "SGD weight decay", lo=0.0)
     augment: bool = _f(True, "random crop + flip augmentation")  # fmt: skip

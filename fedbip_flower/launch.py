@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+
+log = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
@@ -89,7 +92,10 @@ class Processes:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:  # stuck in the kernel: report it, stop the others
+                log.warning("process %s (pid %d) survived SIGKILL for 15 s", name, proc.pid)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
@@ -139,18 +145,30 @@ def flwr_run(app: Path, connection: str, env: dict[str, str], run_config: str = 
 
 
 def run_status(run_id: int, connection: str, env: dict[str, str], wait: float = 120) -> dict:
-    """The run's record from ``flwr ls``, waiting until it has finished."""
+    """The run's record from ``flwr ls``, waiting until it has finished.
+
+    A slow or unreadable answer is retried until ``wait`` seconds have passed; then the last
+    problem is raised as a LaunchError (the caller never gets a TimeoutExpired).
+    """
     deadline = time.time() + wait
     while True:
-        res = subprocess.run(
-            [str(BIN / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        problem = ""
         try:
+            res = subprocess.run(
+                [str(BIN / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
             data = json.loads(res.stdout)
             run = next(r for r in data.get("runs", []) if int(r.get("run-id")) == run_id)
-        except (json.JSONDecodeError, StopIteration, TypeError, ValueError) as err:
-            raise LaunchError(f"cannot read the status of run {run_id}: {res.stdout} {res.stderr}") from err
+        except subprocess.TimeoutExpired:
+            problem = "`flwr ls` did not answer in 120 s"
+        except (json.JSONDecodeError, StopIteration, TypeError, ValueError, AttributeError):
+            problem = f"{res.stdout} {res.stderr}".strip()
+        if problem:
+            if time.time() > deadline:
+                raise LaunchError(f"cannot read the status of run {run_id}: {problem}")
+            time.sleep(2)
+            continue
         if str(run.get("status", "")).startswith("finished") or time.time() > deadline:
             return run
         time.sleep(2)

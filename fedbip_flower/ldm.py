@@ -137,6 +137,8 @@ def _load(source: str, device: str, dtype_name: str) -> LDMComponents:
         m.requires_grad_(False)
         m.eval()
         m.to(dev) if dtype == torch.float32 else m.to(dev, dtype)
+    # NHWC convolutions: ~15-30% faster UNet on CPU (oneDNN) and GPU (cuDNN), same results.
+    unet.to(memory_format=torch.channels_last)
     return LDMComponents(
         tokenizer=tok, text_encoder=te, vae=vae, unet=unet,
         scheduler=DDIMScheduler.from_config(sched_cfg),

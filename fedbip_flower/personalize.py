@@ -13,6 +13,7 @@ and the frozen parts run without weight gradients, so the UNet dominates each st
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import torch
@@ -100,9 +101,15 @@ def train_concepts(
     sched = components.train_scheduler
     row_of = {int(c): i for i, c in enumerate(classes.tolist())}
     rows = torch.tensor([row_of[int(y)] for y in labels])
-    s = s.clone().to(dev).requires_grad_(learn_domain)
-    v = v.clone().to(dev).requires_grad_(True)
-    opt = torch.optim.Adam([s, v] if learn_domain else [v], lr=cfg.lr)
+    # Optimise in units of the initial vectors' RMS: S = S0 + rms * dS. Token embeddings are
+    # small (RMS ~0.02 in CLIP's input table, ~1 at its output), and Adam's step is about lr
+    # per coordinate whatever the scale, so a raw lr that suits one space wrecks the other
+    # (lr 0.02 on input embeddings moves them by one RMS per step). ``cfg.lr`` is relative.
+    s0, v0 = s.to(dev), v.to(dev)
+    scale = torch.cat([s0.flatten(), v0.flatten()]).pow(2).mean().sqrt().clamp_min(1e-8)
+    ds = torch.zeros_like(s0, requires_grad=learn_domain)
+    dv = torch.zeros_like(v0, requires_grad=True)
+    opt = torch.optim.Adam([ds, dv] if learn_domain else [dv], lr=cfg.lr)
     base = None
     if cfg.injection == "output":
         with torch.no_grad():
@@ -110,9 +117,10 @@ def train_concepts(
     acp = sched.alphas_cumprod.to(dev)
     n_train = int(sched.config.num_train_timesteps)
     losses: list[float] = []
-    t_start = time.perf_counter()
+    step_times: list[float] = []
     bar = tqdm(range(cfg.steps), desc="client concepts", unit="step", disable=not progress, leave=False)
     for _ in bar:
+        t_step = time.perf_counter()
         idx = torch.randint(0, len(z0), (min(cfg.batch_size, len(z0)),), generator=gen)
         x0 = z0[idx].to(dev)
         eps = torch.randn(x0.shape, generator=gen).to(dev)
@@ -121,6 +129,7 @@ def train_concepts(
         xt = (ab.sqrt() * x0 + (1 - ab).sqrt() * eps).to(dtype)
         # Encode each class prompt once per step, then gather per sample.
         k = len(classes)
+        s, v = s0 + scale * ds, v0 + scale * dv
         cond = embeddings.encode(
             components.text_encoder, layout.ids, layout, s.unsqueeze(0).expand(k, -1, -1), v,
             cfg.injection, base,
@@ -130,15 +139,19 @@ def train_concepts(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.item())  # also waits for the device, so the step time is real
+        step_times.append(time.perf_counter() - t_step)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    elapsed = time.perf_counter() - t_start
+    # The first step pays one-off costs (allocator, kernel selection): the per-step figure is
+    # the median of the others.
+    steady = step_times[1:] or step_times
     k = max(1, min(10, len(losses) // 5))
     stats = {
         "loss-first": sum(losses[:k]) / k if losses else float("nan"),
         "loss-last": sum(losses[-k:]) / k if losses else float("nan"),
-        "seconds-per-step": elapsed / max(1, cfg.steps),
+        "seconds-per-step": statistics.median(steady) if steady else 0.0,
     }
+    s, v = s0 + scale * ds, v0 + scale * dv
     return s.detach().float().cpu(), v.detach().float().cpu(), stats
 
 

@@ -120,3 +120,23 @@ def test_client_upload_is_deterministic_and_holds_no_images(fast_run_config):
     assert meta["domain"] == "medical" and meta["timestep"] == 501  # first step of a 2-step DDIM schedule
     other = run_train({**fast_run_config, "seed": 1}, node, progress=False)["upload"].to_torch_state_dict()
     assert not torch.equal(other["latents"], sa["latents"])
+
+
+def test_concept_step_size_is_relative_to_the_embedding_scale(tiny_components):
+    """Adam moves each coordinate by about lr per step; the step is taken in units of the
+    initial vectors' RMS, so input embeddings (RMS ~0.02) are not thrown out of range."""
+    comps = tiny_components
+    imgs = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)
+    z0 = encode_images(comps, imgs)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    classes = torch.tensor([0, 1])
+    for injection in ("input", "output"):
+        lay = _layout(comps, 1, 1)
+        s, v = embeddings.init_concepts(comps.text_encoder, lay, injection, "word", torch.Generator().manual_seed(0))
+        rms = torch.cat([s.flatten(), v.flatten()]).pow(2).mean().sqrt()
+        steps, lr = 4, 0.05
+        cfg = ClientConfig(steps=steps, batch_size=4, lr=lr, injection=injection)
+        s2, v2, _ = train_concepts(comps, z0, labels, lay, s, v, cfg, torch.Generator().manual_seed(1), classes,
+                                   progress=False)  # fmt: skip
+        drift = torch.cat([(s2 - s).flatten(), (v2 - v).flatten()]).abs().max()
+        assert 0 < drift <= 1.05 * steps * lr * rms, (injection, float(drift), float(rms))
