@@ -378,8 +378,12 @@ def main(argv: list[str] | None = None) -> None:
               f"img/s one image per pipeline call ({r['inference_steps']} steps): {r['synthesis_speedup']:.1f}x")
         return
     t0 = time.time()
-    runs = [run_setting(s, a.methods.split(","), int(seed), extra, a.progress, not a.no_audit)
-            for s in a.settings.split(",") for seed in a.seeds.split(",")]  # fmt: skip
+    runs = []
+    for s in a.settings.split(","):
+        for seed in a.seeds.split(","):
+            runs.append(run_setting(s, a.methods.split(","), int(seed), extra, a.progress, not a.no_audit))
+            # Written after every (setting, seed): a long run that is stopped keeps what it did.
+            (a.out / "benchmark.partial.json").write_text(json.dumps({"runs": runs}, indent=2, default=float))
     table = summarize(runs)
     md = to_markdown(table) + "\n" + ("Privacy audit\n\n" + privacy_markdown(runs) if not a.no_audit else "")
     (a.out / "benchmark.json").write_text(json.dumps({"runs": runs, "summary": table, "seconds": time.time() - t0},

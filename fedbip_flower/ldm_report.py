@@ -112,7 +112,7 @@ def report(model: str, out: Path, seed: int = 0, per_pair: int = 10, steps: int 
             "share_judged_pretraining_style": float(counts[: len(pre)].sum() / mask.sum()),
         }
     res = {
-        "model": comps.source,
+        "model": model,
         "fingerprint": comps.fingerprint,
         "settings": {"seed": seed, "samples_per_prompt": per_pair, "ddim_steps": steps, "guidance": guidance},
         "generation_accuracy": gen_acc,

@@ -184,8 +184,8 @@ def personalize(
     stats["client-seconds"] = time.perf_counter() - t0
     stats["num-train"] = float(len(labels))
     stats["num-test"] = float(len(data.test_labels))
-    log.info("client %s: %d images, loss %.4f -> %.4f, %.1f s", data.domain, len(labels),
-             stats["loss-first"], stats["loss-last"], stats["client-seconds"])  # fmt: skip
+    loss = f"loss {stats['loss-first']:.4f} -> {stats['loss-last']:.4f}" if cfg.steps else "no concept steps"
+    log.info("client %s: %d images, %s, %.1f s", data.domain, len(labels), loss, stats["client-seconds"])
     return ClientPayload(
         latents=zt, labels=labels, s=s, v=v, v_classes=classes.to(torch.int64),
         class_names=list(data.class_names), domain=data.domain, template=template,
