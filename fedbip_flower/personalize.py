@@ -130,10 +130,14 @@ def train_concepts(
         # Encode each class prompt once per step, then gather per sample.
         k = len(classes)
         s, v = s0 + scale * ds, v0 + scale * dv
-        cond = embeddings.encode(
+        per_class = embeddings.encode(
             components.text_encoder, layout.ids, layout, s.unsqueeze(0).expand(k, -1, -1), v,
             cfg.injection, base,
-        )[rows[idx].to(dev)]  # fmt: skip
+        )  # fmt: skip
+        # Gather per sample with a one-hot matmul: the backward of indexing with repeated
+        # indices accumulates in a thread-dependent order on CPU (not bit-reproducible).
+        onehot = F.one_hot(rows[idx], k).to(dev, per_class.dtype)
+        cond = (onehot @ per_class.flatten(1)).view(len(idx), *per_class.shape[1:])
         pred = components.unet(xt, t, cond.to(dtype)).sample
         loss = F.mse_loss(pred.float(), _target(sched, x0, eps, t).float())
         opt.zero_grad(set_to_none=True)

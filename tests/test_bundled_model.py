@@ -63,3 +63,20 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         resolve_model(str(tmp_path / "nope"))
     with pytest.raises(ModelError, match="model_index.json"):
         resolve_model(str(tmp_path))
+
+
+def test_personalization_on_the_bundled_model_is_bit_reproducible():
+    """Same seed, same upload, to the bit, on the real model with all CPU threads (a gather
+    whose backward accumulates in thread order once made S/V differ by ~1e-10)."""
+    from fedbip_flower.client import template_for
+    from fedbip_flower.config import FedBiPConfig
+    from fedbip_flower.data import NodeConfig, load_client_data
+    from fedbip_flower.personalize import personalize
+
+    comps = load_components("bundled", "cpu", "float32")
+    cfg = FedBiPConfig.from_run_config({"client.steps": 3, "data.per-class": 20, "data.shots": 4})
+    data = load_client_data(cfg.data, NodeConfig(0, 4), 0)
+    runs = [personalize(comps, data, cfg.client, template_for(cfg), 801, 0, progress=False) for _ in range(3)]
+    for other in runs[1:]:
+        for name in ("s", "v", "latents", "labels"):
+            assert torch.equal(getattr(runs[0], name), getattr(other, name)), name
