@@ -154,7 +154,8 @@ def privacy_audit(comps, cfg: FedBiPConfig, data: ClientData, seed: int) -> dict
 
 # ----------------------------------------------------------------------------- methods
 def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progress: bool = False,
-                audit: bool = True) -> dict:  # fmt: skip
+                audit: bool = True, on_method=None) -> dict:  # fmt: skip
+    """Run ``methods`` on one (setting, seed); ``on_method(partial_run)`` is called after each."""
     overrides, n = SETTINGS[setting]
     cfg = FedBiPConfig.from_run_config({**overrides, **extra, "seed": seed})
     comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
@@ -237,10 +238,29 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
         else:
             raise ValueError(f"unknown method {m!r}; known: {', '.join(ALL_METHODS)}")
         results[m]["wall_seconds"] = time.time() - t0
+        if on_method is not None:
+            on_method({"setting": setting, "seed": seed, "methods": results, "privacy": None,
+                       "config": cfg.to_run_config(), "complete": False})  # fmt: skip
     privacy = None
     if audit and setting.startswith("shapes"):
         privacy = privacy_audit(comps, cfg, datas[0], seed)
-    return {"setting": setting, "seed": seed, "methods": results, "privacy": privacy, "config": cfg.to_run_config()}
+    return {"setting": setting, "seed": seed, "methods": results, "privacy": privacy, "config": cfg.to_run_config(),
+            "complete": True}  # fmt: skip
+
+
+def merge_runs(paths: list[Path]) -> list[dict]:
+    """The runs of several benchmark JSON files (e.g. one process per seed), one per (setting, seed).
+
+    A run stopped part-way (``complete`` false) keeps the methods it finished; where two files
+    hold the same (setting, seed), the one with more methods wins.
+    """
+    best: dict[tuple, dict] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["runs"]:
+            key = (r["setting"], r["seed"])
+            if key not in best or len(r["methods"]) > len(best[key]["methods"]):
+                best[key] = r
+    return [best[k] for k in sorted(best)]
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -263,14 +283,14 @@ def to_markdown(table: dict) -> str:
     lines = []
     for setting, methods in table.items():
         domains = sorted({d for e in methods.values() for d in e["per_domain"]})
-        lines += [f"### {setting}", "", "| method | " + " | ".join(domains) + " | mean +- std | upload/client | client s | server s |",
-                  "|---" * (len(domains) + 5) + "|"]  # fmt: skip
+        lines += [f"### {setting}", "", "| method | " + " | ".join(domains) + " | mean +- std | seeds | upload/client | client s | server s |",
+                  "|---" * (len(domains) + 6) + "|"]  # fmt: skip
         for m, e in methods.items():
             per = [f"{statistics.mean(e['per_domain'][d]):.3f}" if d in e["per_domain"] else "-" for d in domains]
             sd = statistics.stdev(e["means"]) if len(e["means"]) > 1 else 0.0
             b = statistics.mean(e["bytes"])
             size = f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
-            lines.append(f"| {m} | " + " | ".join(per) + f" | {statistics.mean(e['means']):.3f} +- {sd:.3f} | {size} | "
+            lines.append(f"| {m} | " + " | ".join(per) + f" | {statistics.mean(e['means']):.3f} +- {sd:.3f} | {len(e['means'])} | {size} | "
                          f"{statistics.mean(e['client_s']):.1f} | {statistics.mean(e['server_s']):.1f} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
@@ -349,7 +369,8 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("accuracy", "speed"))
+    p.add_argument("mode", choices=("accuracy", "speed", "merge"))
+    p.add_argument("inputs", nargs="*", type=Path, help="merge: benchmark(.partial).json files of separate runs")
     p.add_argument("--settings", default="shapes-feature", help=f"comma list of {', '.join(SETTINGS)}")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--seeds", default="0,1,2")
@@ -378,14 +399,24 @@ def main(argv: list[str] | None = None) -> None:
               f"img/s one image per pipeline call ({r['inference_steps']} steps): {r['synthesis_speedup']:.1f}x")
         return
     t0 = time.time()
-    runs = []
-    for s in a.settings.split(","):
-        for seed in a.seeds.split(","):
-            runs.append(run_setting(s, a.methods.split(","), int(seed), extra, a.progress, not a.no_audit))
-            # Written after every (setting, seed): a long run that is stopped keeps what it did.
-            (a.out / "benchmark.partial.json").write_text(json.dumps({"runs": runs}, indent=2, default=float))
+    if a.mode == "merge":
+        if not a.inputs:
+            p.error("merge needs the JSON files of the runs to merge")
+        runs = merge_runs(a.inputs)
+    else:
+        runs = []
+        partial = a.out / "benchmark.partial.json"
+        for s in a.settings.split(","):
+            for seed in a.seeds.split(","):
+                # Written after every method: a long run that is stopped keeps what it did.
+                def save(run, done=tuple(runs)):
+                    partial.write_text(json.dumps({"runs": [*done, run]}, indent=2, default=float))
+
+                runs.append(run_setting(s, a.methods.split(","), int(seed), extra, a.progress, not a.no_audit, save))
+                save(runs[-1], tuple(runs[:-1]))
     table = summarize(runs)
-    md = to_markdown(table) + "\n" + ("Privacy audit\n\n" + privacy_markdown(runs) if not a.no_audit else "")
+    audited = any(r.get("privacy") for r in runs)
+    md = to_markdown(table) + "\n" + ("Privacy audit\n\n" + privacy_markdown(runs) if audited else "")
     (a.out / "benchmark.json").write_text(json.dumps({"runs": runs, "summary": table, "seconds": time.time() - t0},
                                                      indent=2, default=float))  # fmt: skip
     (a.out / "benchmark.md").write_text(md + "\n")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedbip_flower import shapes
+from fedbip_flower.data import DataError, shrink_imagefolder
 from fedbip_flower.launch import (
     BIN,
     LaunchError,
@@ -571,6 +572,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
     s.add_argument("--force", action="store_true", help="rewrite an existing folder's train/")
 
+    s = sub.add_parser("shrink-data", help="copy an imagefolder at the pipeline's resolution (lossless PNG)",
+                       description="Copy SRC (train/metadata.csv + images) to DST at --resolution as PNG: "
+                       "it loads to exactly the same tensors at that data.resolution, and is much smaller.")  # fmt: skip
+    s.add_argument("src", type=Path)
+    s.add_argument("dst", type=Path)
+    s.add_argument("--resolution", type=int, default=32)
+
     s = sub.add_parser("superlink", help="run the SuperLink + ServerApp SuperExec in the foreground")
     s.add_argument("--certs", type=Path, default=None, help="make-certs.sh folder (default: <deploy-dir>/certs)")
     s.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth (loopback quick try only)")
@@ -619,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
             out = write_site(a.out_dir, style, a.per_class, a.seed, a.resolution, a.force)
             print(f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r})")
             return 0
+        if a.cmd == "shrink-data":
+            n = shrink_imagefolder(a.src, a.dst, a.resolution)
+            print(f"wrote {n} images at {a.resolution} px to {a.dst}")
+            return 0
         if a.cmd == "superlink":
             role = dd / "superlink"
             certs = None if a.insecure else (a.certs or dd / "certs")
@@ -664,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.cmd == "quick-try":
             return quick_try(a.app or _project_root(), dd, a.num_sites, a.per_class, a.run_config, a.timeout)
-    except (DeployError, LaunchError) as err:
+    except (DeployError, LaunchError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 2

@@ -22,8 +22,11 @@ def test_fedavg_weights():
 
 def test_smoke_benchmark_runs_all_methods(tiny_model, tmp_path):
     extra = {**benchmark.SMOKE, "model.id": tiny_model, "data.domains": "medical,satellite"}
-    run = benchmark.run_setting("shapes-feature", list(benchmark.ALL_METHODS), 0, extra)
-    assert set(run["methods"]) == set(benchmark.ALL_METHODS)
+    seen = []
+    run = benchmark.run_setting("shapes-feature", list(benchmark.ALL_METHODS), 0, extra,
+                                on_method=lambda r: seen.append((len(r["methods"]), r["complete"])))  # fmt: skip
+    assert set(run["methods"]) == set(benchmark.ALL_METHODS) and run["complete"]
+    assert seen == [(k + 1, False) for k in range(len(benchmark.ALL_METHODS))]
     for m, v in run["methods"].items():
         assert len(v["accuracy"]) == 4 and all(0 <= a <= 1 for a in v["accuracy"].values()), m
         assert len(v["upload_bytes"]) == 4
@@ -38,3 +41,23 @@ def test_smoke_benchmark_runs_all_methods(tiny_model, tmp_path):
         assert -1 <= a["ssim_source"] <= 1 and a["psnr_source"] > 0
     md = benchmark.to_markdown(benchmark.summarize([run]))
     assert "| fedbip |" in md and "mean +- std" in md
+
+
+def _run(seed, methods, acc):
+    return {"setting": "s", "seed": seed, "privacy": None, "methods": {
+        m: {"accuracy": {"a": acc, "b": acc}, "upload_bytes": [10, 10], "client_seconds": [1.0, 1.0],
+            "server_seconds": 2.0} for m in methods}}  # fmt: skip
+
+
+def test_merge_keeps_the_fullest_run_per_setting_and_seed(tmp_path):
+    import json
+
+    f1, f2 = tmp_path / "a.json", tmp_path / "b.json"
+    f1.write_text(json.dumps({"runs": [_run(0, ["x"], 0.5), _run(1, ["x", "y"], 0.3)]}))
+    f2.write_text(json.dumps({"runs": [_run(0, ["x", "y"], 0.1)]}))
+    runs = benchmark.merge_runs([f1, f2])
+    assert [(r["seed"], sorted(r["methods"])) for r in runs] == [(0, ["x", "y"]), (1, ["x", "y"])]
+    table = benchmark.summarize(runs)
+    assert table["s"]["x"]["means"] == [0.1, 0.3]
+    md = benchmark.to_markdown(table)
+    assert "| x | 0.200 | 0.200 | 0.200 +- 0.141 | 2 |" in md

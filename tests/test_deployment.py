@@ -37,6 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from fedbip_flower import shapes
 from fedbip_flower.deploy import (
@@ -181,6 +182,24 @@ def test_site_folder(tmp_path: Path) -> None:
     assert len(data.train_labels) == 20 and len(data.test_labels) == 10
     with pytest.raises(DeployError, match="already exists"):
         write_site(out, "thermal", per_class=3)
+
+
+def test_shrunk_folder_loads_to_the_same_tensors(tmp_path: Path) -> None:
+    from fedbip_flower.config import FedBiPConfig
+    from fedbip_flower.data import DataError, NodeConfig, load_client_data, shrink_imagefolder
+    from fedbip_flower.deploy import main
+
+    src = write_site(tmp_path / "site", "sketch", per_class=3, resolution=64)
+    assert main(["shrink-data", str(src), str(tmp_path / "small"), "--resolution", "32"]) == 0
+    cfg = FedBiPConfig.from_run_config({"data.shots": 2, "data.max-test-per-class": 5, "data.resolution": 32})
+    a = load_client_data(cfg.data, NodeConfig(0, 1, str(src)), seed=1)
+    b = load_client_data(cfg.data, NodeConfig(0, 1, str(tmp_path / "small")), seed=1)
+    assert a.class_names == b.class_names and a.domain == b.domain
+    assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_images, b.test_images)
+    assert torch.equal(a.train_labels, b.train_labels) and torch.equal(a.test_labels, b.test_labels)
+    assert next((tmp_path / "small" / "train").rglob("*.png")).stat().st_size < next(src.rglob("*.png")).stat().st_size
+    with pytest.raises(DataError, match="not empty"):
+        shrink_imagefolder(src, tmp_path / "small", 32)
 
 
 def test_commands_match_the_compose_topology(tmp_path: Path) -> None:
