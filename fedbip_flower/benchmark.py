@@ -249,18 +249,26 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
 
 
 def merge_runs(paths: list[Path]) -> list[dict]:
-    """The runs of several benchmark JSON files (e.g. one process per seed), one per (setting, seed).
+    """The runs of several benchmark JSON files (e.g. one process per (setting, seed)).
 
-    A run stopped part-way (``complete`` false) keeps the methods it finished; where two files
-    hold the same (setting, seed), the one with more methods wins.
+    Runs of the same (setting, seed) are joined method by method (a later file's method
+    wins): a run stopped part-way keeps what it finished, and a second run can add methods.
+    Their configurations must be equal, else the numbers would not be comparable.
     """
-    best: dict[tuple, dict] = {}
+    merged: dict[tuple, dict] = {}
     for path in paths:
         for r in json.loads(Path(path).read_text())["runs"]:
             key = (r["setting"], r["seed"])
-            if key not in best or len(r["methods"]) > len(best[key]["methods"]):
-                best[key] = r
-    return [best[k] for k in sorted(best)]
+            if key not in merged:
+                merged[key] = {**r, "methods": dict(r["methods"])}
+                continue
+            m = merged[key]
+            if m.get("config") != r.get("config"):
+                raise ValueError(f"{path}: {key} was run with another configuration; not merged")
+            m["methods"].update(r["methods"])
+            m["privacy"] = r.get("privacy") or m.get("privacy")
+            m["complete"] = bool(m.get("complete")) or bool(r.get("complete"))
+    return [merged[k] for k in sorted(merged)]
 
 
 def summarize(runs: list[dict]) -> dict:

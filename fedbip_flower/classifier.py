@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -56,6 +55,23 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch of an epoch; a short tail joins the batch before it.
+
+    A final batch of a few images (e.g. 194 images in batches of 64 leave 2) would update
+    BatchNorm's running statistics from those few images once per epoch, and the eval-mode
+    classifier collapses (measured on the benchmark's label-shift setting: the centralized
+    oracle scored 0.18 with that tail and 0.49 without). A tail shorter than a quarter
+    batch is therefore merged into the previous batch; other batches are unchanged.
+    """
+    starts = list(range(0, n, batch_size))
+    if not starts:
+        return []
+    if len(starts) > 1 and n - starts[-1] < max(2, batch_size // 4):
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n], strict=True))
+
+
 def train_classifier(
     images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
     seed: int, device: torch.device, progress: bool = True, model: torch.nn.Module | None = None,
@@ -71,7 +87,8 @@ def train_classifier(
     model = (model if model is not None else build_classifier(cfg, num_classes)).to(device)
     # The optimizer is built after the model is final, so the new head is trained too.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    bounds = batch_bounds(len(images), cfg.batch_size)
+    steps_per_epoch = len(bounds)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
@@ -82,9 +99,9 @@ def train_classifier(
         model.train()
         perm = torch.randperm(len(images), generator=gen)
         total, count = 0.0, 0
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm needs more than one sample
+        for i, j in bounds:
+            idx = perm[i:j]
+            if len(idx) < 2:  # BatchNorm needs more than one sample (a one-image training set)
                 continue
             x = x_all[idx]
             if cfg.augment:

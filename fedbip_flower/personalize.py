@@ -150,11 +150,9 @@ def train_concepts(
     # the median of the others.
     steady = step_times[1:] or step_times
     k = max(1, min(10, len(losses) // 5))
-    stats = {
-        "loss-first": sum(losses[:k]) / k if losses else float("nan"),
-        "loss-last": sum(losses[-k:]) / k if losses else float("nan"),
-        "seconds-per-step": statistics.median(steady) if steady else 0.0,
-    }
+    stats = {"seconds-per-step": statistics.median(steady) if steady else 0.0}
+    if losses:  # no concept steps, no loss (rather than NaN in the reply and results.json)
+        stats |= {"loss-first": sum(losses[:k]) / k, "loss-last": sum(losses[-k:]) / k}
     s, v = s0 + scale * ds, v0 + scale * dv
     return s.detach().float().cpu(), v.detach().float().cpu(), stats
 

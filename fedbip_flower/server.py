@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,17 @@ def _grid_png(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
         tiles += [images[i].permute(1, 2, 0).numpy() for i in idx]
         tiles += [images[0].permute(1, 2, 0).numpy() * 0 + 255] * (per_class - len(idx))
     image_grid(tiles, len(classes), per_class).save(path)
+
+
+def json_safe(obj):
+    """``obj`` with non-finite floats as None: results.json must be valid JSON (no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def results_dict(strategy: FedBiPStrategy, cfg: FedBiPConfig, run_id: Any, status: str,
@@ -100,7 +112,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress
         res = results_dict(strategy, cfg, run_id, "completed")
         if res["mean_accuracy"] is None:
             raise FedBiPError("no client returned an evaluation")
-        (run_dir / "results.json").write_text(json.dumps(res, indent=2))
+        (run_dir / "results.json").write_text(json.dumps(json_safe(res), indent=2, allow_nan=False))
         log.info("mean accuracy over %d client(s): %.4f", len(strategy.accepted), res["mean_accuracy"])
         for c in res["clients"]:
             log.info("  node %s %-12s %-9s acc=%s upload=%d B %s", c["node_id"], c["domain"],
@@ -111,7 +123,7 @@ def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress
         log.error("FedBiP run failed: %s", err)
         if strategy is not None:
             res = results_dict(strategy, cfg, run_id, "failed", f"{type(err).__name__}: {err}")
-            (run_dir / "results.json").write_text(json.dumps(res, indent=2))
+            (run_dir / "results.json").write_text(json.dumps(json_safe(res), indent=2, allow_nan=False))
         raise
     finally:
         for name in ("fedbip_flower", "flwr"):

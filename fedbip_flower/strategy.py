@@ -212,6 +212,10 @@ class FedBiPStrategy(Strategy):
             except (KeyError, TypeError, ValueError) as err:
                 log.warning("node %s sent malformed metrics: %s", nid, err)
                 continue
+            if n == 0:  # a site whose partition left no test images cannot score
+                log.info("node %s has no test images: not scored", nid)
+                rec.num_test = 0
+                continue
             if not (0.0 <= acc <= 1.0) or n < 0:
                 log.warning("node %s sent out-of-range metrics (%s, %s)", nid, acc, n)
                 continue

@@ -43,21 +43,25 @@ def test_smoke_benchmark_runs_all_methods(tiny_model, tmp_path):
     assert "| fedbip |" in md and "mean +- std" in md
 
 
-def _run(seed, methods, acc):
-    return {"setting": "s", "seed": seed, "privacy": None, "methods": {
+def _run(seed, methods, acc, config=None):
+    return {"setting": "s", "seed": seed, "privacy": None, "config": config or {"seed": seed}, "methods": {
         m: {"accuracy": {"a": acc, "b": acc}, "upload_bytes": [10, 10], "client_seconds": [1.0, 1.0],
             "server_seconds": 2.0} for m in methods}}  # fmt: skip
 
 
-def test_merge_keeps_the_fullest_run_per_setting_and_seed(tmp_path):
+def test_merge_joins_methods_per_setting_and_seed(tmp_path):
     import json
 
-    f1, f2 = tmp_path / "a.json", tmp_path / "b.json"
+    import pytest
+
+    f1, f2, f3 = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
     f1.write_text(json.dumps({"runs": [_run(0, ["x"], 0.5), _run(1, ["x", "y"], 0.3)]}))
-    f2.write_text(json.dumps({"runs": [_run(0, ["x", "y"], 0.1)]}))
+    f2.write_text(json.dumps({"runs": [_run(0, ["x", "y"], 0.1)]}))  # a later run of seed 0 wins
     runs = benchmark.merge_runs([f1, f2])
     assert [(r["seed"], sorted(r["methods"])) for r in runs] == [(0, ["x", "y"]), (1, ["x", "y"])]
     table = benchmark.summarize(runs)
     assert table["s"]["x"]["means"] == [0.1, 0.3]
-    md = benchmark.to_markdown(table)
-    assert "| x | 0.200 | 0.200 | 0.200 +- 0.141 | 2 |" in md
+    assert "| x | 0.200 | 0.200 | 0.200 +- 0.141 | 2 |" in benchmark.to_markdown(table)
+    f3.write_text(json.dumps({"runs": [_run(0, ["z"], 0.9, config={"seed": 0, "classifier.epochs": 150})]}))
+    with pytest.raises(ValueError, match="another configuration"):
+        benchmark.merge_runs([f1, f3])

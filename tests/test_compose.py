@@ -246,7 +246,7 @@ def test_tls_superlink(compose: dict, compose_tls: dict) -> None:
     assert _flag(command, "--isolation") == "process"
     assert _flag(command, "--host") == "0.0.0.0"
     mounts = _mounts(superlink)
-    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--superexec-auth-secret-file"):
         path = _flag(command, flag)
         assert path in mounts and mounts[path]["read_only"] is True
 
@@ -262,6 +262,11 @@ def test_tls_serverapp_superexec_trusts_the_ca(
     ca_path = _flag(command, "--root-certificates")
     assert _mounts(service)[ca_path]["source"].endswith("ca.crt")
     assert "/outputs" in _mounts(service)  # base mounts survive the override
+    # The same shared secret as the SuperLink: the Runtime API is on the public port.
+    link = _merge(compose, compose_tls)["superlink"]
+    secret = _mounts(service)[_flag(command, "--superexec-auth-secret-file")]
+    link_secret = _mounts(link)[_flag(link["command"], "--superexec-auth-secret-file")]
+    assert secret["source"] == link_secret["source"] and secret["read_only"] is True
 
 
 @pytest.mark.parametrize("site", SITES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedbip_flower.classifier import build_classifier, evaluate, train_classifier
+from fedbip_flower.classifier import batch_bounds, build_classifier, evaluate, train_classifier
 from fedbip_flower.client import run_train
 from fedbip_flower.config import ClassifierConfig, FedBiPConfig, ServerConfig
 from fedbip_flower.pipeline import FedBiPSynthesisPipeline
@@ -76,3 +76,18 @@ def test_classifier_learns_and_trains_its_head():
     assert stats["loss-last-epoch"] < stats["loss-first-epoch"]
     assert not torch.allclose(model.fc.weight, init)
     assert evaluate(model, x, y) > 0.75  # chance is 0.5
+
+
+def test_short_last_batch_joins_the_one_before():
+    # 194 images in batches of 64 used to end on a batch of 2, whose BatchNorm statistics
+    # wrecked the eval-mode classifier; now that tail is part of the third batch.
+    assert batch_bounds(194, 64) == [(0, 64), (64, 128), (128, 194)]
+    assert batch_bounds(66, 64) == [(0, 66)]
+    assert batch_bounds(160, 64) == [(0, 64), (64, 128), (128, 160)]  # a 32-image tail stays
+    assert batch_bounds(640, 64) == [(i, i + 64) for i in range(0, 640, 64)]
+    assert batch_bounds(1, 64) == [(0, 1)] and batch_bounds(0, 64) == []
+    for n in range(1, 300):
+        b = batch_bounds(n, 64)
+        sizes = [j - i for i, j in b]
+        assert b[0][0] == 0 and b[-1][1] == n and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+        assert n <= 64 or min(sizes) >= 16, (n, sizes)
