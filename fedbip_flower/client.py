@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedbip_flower.classifier import build_classifier, evaluate
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.data import NodeConfig, load_client_data
+from fedbip_flower.data import ClientData, DataError, NodeConfig, load_client_data
 from fedbip_flower.embeddings import PRESETS
 from fedbip_flower.ldm import load_components, pick_device
 from fedbip_flower.payload import META
@@ -35,12 +35,46 @@ def client_seed(cfg: FedBiPConfig, node: NodeConfig) -> int:
     return cfg.seed * 7919 + node.partition_id
 
 
+class SiteDataError(DataError):
+    """A site's data cannot give both a training and a test split with this run's config."""
+
+
+def site_name(data: ClientData, node: NodeConfig) -> str:
+    where = f"data-dir {node.data_dir}" if node.data_dir else f"partition {node.partition_id} of {node.num_partitions}"
+    return f"site {data.domain!r} ({where})"
+
+
+def check_site_data(data: ClientData, cfg: FedBiPConfig, node: NodeConfig) -> None:
+    """Raise SiteDataError, naming the site and its counts, unless its data gives both a
+    training and a test split. Runs before any personalization work, so a site that could
+    never score the classifier says so at once instead of after the whole round."""
+    n_train, n_test = len(data.train_labels), len(data.test_labels)
+    if n_train and n_test:
+        return
+    labels = torch.cat([data.train_labels, data.test_labels])
+    counts = torch.bincount(labels).tolist() if len(labels) else []
+    per_class = [c for c in counts if c]
+    fewest = min(per_class) if per_class else 0
+    more = (f"`python -m fedbip_flower.deploy make-site-data ... --per-class {cfg.data.shots + 8}`" if node.data_dir
+            else f"data.per-class={cfg.data.shots + 8} for the bundled data")  # fmt: skip
+    hint = f"give each class more than data.shots={cfg.data.shots} images (e.g. {more})"
+    if fewest >= 2:
+        hint += f" or run with data.shots={fewest // 2}"
+    raise SiteDataError(
+        f"{site_name(data, node)}: {len(labels)} image(s) in {len(per_class)} class(es) "
+        f"({fewest}-{max(per_class, default=0)} per class) give {n_train} training and {n_test} test "
+        f"image(s) with data.shots={cfg.data.shots}; a site needs both to take part: {hint}"
+    )
+
+
 def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any],
               progress: bool = True) -> RecordDict:  # fmt: skip
-    """Load this site's data, run bi-level personalization, return the one upload."""
+    """Load this site's data, check it splits into training and test images, run bi-level
+    personalization, return the one upload."""
     cfg = config_from_record(config)
     node = NodeConfig.from_node_config(node_config)
     data = load_client_data(cfg.data, node, cfg.seed)
+    check_site_data(data, cfg, node)
     comps = load_components(cfg.model.id, cfg.client.device, cfg.model.dtype)
     t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
     payload = personalize(comps, data, cfg.client, template_for(cfg), t, client_seed(cfg, node), progress)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedbip_flower import shapes
+from fedbip_flower.config import DataConfig
 from fedbip_flower.data import DataError, shrink_imagefolder
 from fedbip_flower.launch import (
     BIN,
@@ -45,8 +46,11 @@ from fedbip_flower.launch import (
     flower_env,
     flwr_run,
     free_port,
+    is_alive,
     print_summary,
+    process_tree,
     run_status,
+    signal_tree,
     wait_for_port,
     write_connection,
 )
@@ -56,6 +60,11 @@ SITE_PORT_BASE = 9093  # site N serves its Runtime API on 127.0.0.1:(9093 + N)
 DEFAULT_CONNECTION = "fedbip"
 DEFAULT_DEPLOY_DIR = Path("deploy")
 SITE_STYLES = shapes.HELDOUT_STYLES  # site N gets SITE_STYLES[(N - 1) % 4] by default
+# The app's default data.shots training images per class, plus 8 test images per class: a site
+# folder made with the defaults splits into both with the app's defaults.
+APP_SHOTS = DataConfig().shots
+SITE_TEST_PER_CLASS = 8
+SITE_PER_CLASS = APP_SHOTS + SITE_TEST_PER_CLASS
 
 
 class DeployError(RuntimeError):
@@ -68,9 +77,13 @@ def site_style(site: int) -> str:
     return SITE_STYLES[(site - 1) % len(SITE_STYLES)]
 
 
-def write_site(out_dir: str | Path, style: str, per_class: int = 8, seed: int = 0, resolution: int = 32,
-               force: bool = False) -> Path:  # fmt: skip
+def write_site(out_dir: str | Path, style: str, per_class: int = SITE_PER_CLASS, seed: int = 0,
+               resolution: int = 32, force: bool = False) -> Path:  # fmt: skip
     """Write one site's data folder from the bundled benchmark; returns its absolute path.
+
+    The default ``per_class`` (24) is the app's default ``data.shots`` (16) plus 8 test
+    images per class; a site needs more images per class than ``data.shots`` to keep a test
+    split (see :func:`split_note`).
 
     Layout (what ``data-dir`` in a node config must name; see ``fedbip_flower.data``)::
 
@@ -108,6 +121,18 @@ def write_site(out_dir: str | Path, style: str, per_class: int = 8, seed: int = 
         writer.writerows(rows)
     (out / "classes.txt").write_text("\n".join(shapes.CLASSES) + "\n")
     return out
+
+
+def split_note(per_class: int, shots: int = APP_SHOTS) -> str:
+    """How ``per_class`` images per class split with ``data.shots=shots``; a warning if no
+    test image would be left."""
+    if per_class > shots:
+        return f"with data.shots={shots}: {shots} training + {per_class - shots} test image(s) per class"
+    fix = f"use --per-class {shots + SITE_TEST_PER_CLASS} or more"
+    if per_class >= 2:
+        fix += f", or run with --run-config \"data.shots={per_class // 2}\""
+    return (f"WARNING: with data.shots={shots} (the app's default) all {per_class} image(s) per class go "
+            f"to training and the site has no test split: its ClientApp will refuse to take part; {fix}")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -218,9 +243,13 @@ def cli_home(deploy_dir: Path = DEFAULT_DEPLOY_DIR) -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path(deploy_dir) / "flwr-home").resolve()
 
 
-def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)  # fmt: skip
+def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """One ``flwr`` CLI call, never longer than ``timeout`` seconds (then DeployError)."""
+    try:
+        return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True,
+                              timeout=timeout, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired as err:
+        raise DeployError(f"`flwr {' '.join(args[:2])}` did not answer in {timeout:.0f} s") from err
 
 
 def register_node(public_key: Path, connection: str, env: dict[str, str], name: str | None = None) -> int:
@@ -237,9 +266,9 @@ def register_node(public_key: Path, connection: str, env: dict[str, str], name: 
                           f"{res.stdout}{res.stderr}") from err  # fmt: skip
 
 
-def supernodes(connection: str, env: dict[str, str]) -> list[dict]:
+def supernodes(connection: str, env: dict[str, str], timeout: float = 60) -> list[dict]:
     """``flwr supernode ls --format json``: one dict per registered node."""
-    res = flwr_cli(["supernode", "ls", connection, "--format", "json"], env)
+    res = flwr_cli(["supernode", "ls", connection, "--format", "json"], env, timeout)
     try:
         data = json.loads(res.stdout)
     except json.JSONDecodeError as err:
@@ -252,7 +281,13 @@ def wait_online(connection: str, env: dict[str, str], count: int, timeout: float
     """Wait until ``count`` SuperNodes are online; returns them."""
     deadline = time.time() + timeout
     while True:
-        online = [n for n in supernodes(connection, env) if n.get("status") == "online"]
+        try:
+            nodes = supernodes(connection, env, timeout=max(10.0, min(60.0, deadline - time.time())))
+        except DeployError:
+            if time.time() > deadline:
+                raise
+            nodes = []
+        online = [n for n in nodes if n.get("status") == "online"]
         if len(online) >= count:
             return online
         if time.time() > deadline:
@@ -282,24 +317,26 @@ def start_role(commands: dict[str, list[str]], env: dict[str, str], role_dir: Pa
 
 
 def stop_all(procs: Processes, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
-    """Stop every process of ``procs`` and its process group; never raises.
+    """Stop every process of ``procs``, its process group and its descendants; never raises.
 
-    ``sig`` goes to all groups at once; whatever still runs after ``grace`` seconds gets
-    SIGKILL. (``Processes.stop`` raises if a process outlives SIGKILL by 15 s, which happens
-    on a starved machine, and ``Processes.__exit__`` then skips the remaining processes.)
+    ``sig`` goes to all of them at once; whatever still runs after ``grace`` seconds gets
+    SIGKILL. Descendants are found under ``/proc`` before any signal, so children that
+    Flower detached into sessions of their own are stopped too.
     """
-    live = {n: p for n, p in procs.procs.items() if p.poll() is None}
+    trees = {p.pid: process_tree(p.pid) for p in procs.procs.values()}
+    live = {n: p for n, p in procs.procs.items() if p.poll() is None or any(is_alive(c) for c in trees[p.pid])}
     for p in live.values():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, sig)
+        signal_tree(p.pid, trees[p.pid], sig)
+
+    def running() -> bool:
+        return any(p.poll() is None or any(is_alive(c) for c in trees[p.pid]) for p in live.values())
+
     deadline = time.time() + (grace if sig != signal.SIGKILL else 0.0)
-    while time.time() < deadline and any(p.poll() is None for p in live.values()):
+    while time.time() < deadline and running():
         time.sleep(0.2)
     for p in live.values():
-        if p.poll() is None or sig != signal.SIGKILL:
-            # SIGKILL the group too: children (flwr-clientapp / flwr-serverapp) may outlive the leader.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
+        # SIGKILL the group too: children (flwr-clientapp / flwr-serverapp) may outlive the leader.
+        signal_tree(p.pid, sorted(set(trees[p.pid]) | set(process_tree(p.pid))), signal.SIGKILL)
     for p in live.values():
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=120)
@@ -516,8 +553,8 @@ def checked_run(app: Path, connection: str, env: dict[str, str], output_dir: Pat
     return run, results
 
 
-def quick_try(app: Path, deploy_dir: Path, num_sites: int = 3, per_class: int = 8, run_config: str = "",
-              timeout: float = 3600) -> int:  # fmt: skip
+def quick_try(app: Path, deploy_dir: Path, num_sites: int = 3, per_class: int = SITE_PER_CLASS,
+              run_config: str = "", timeout: float = 3600) -> int:  # fmt: skip
     """Insecure loopback try: SuperLink + ``num_sites`` sites on this machine, one run, stop all."""
     deploy_dir = Path(deploy_dir).resolve() / "quick-try"
     sites = []
@@ -539,9 +576,9 @@ def quick_try(app: Path, deploy_dir: Path, num_sites: int = 3, per_class: int = 
         except LaunchError as err:
             print(f"\nFedBiP run FAILED: {err}\nlogs: {deploy_dir}/*/logs", file=sys.stderr)
             return 1
-    print_summary(results)
+    code = print_summary(results)
     print(f"run {run.get('run-id')} {run.get('status')}; outputs: {Path(results['results_path']).parent}")
-    return 0
+    return code
 
 
 # ----------------------------------------------------------------------------- command line
@@ -567,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"one of: {', '.join(shapes.STYLES)} (default: site N's held-out style, "
                    f"N=1..{len(SITE_STYLES)}: {', '.join(SITE_STYLES)})")  # fmt: skip
     s.add_argument("--site", type=int, default=1, help="site number; picks the default style")
-    s.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
+    s.add_argument("--per-class", type=int, default=SITE_PER_CLASS,
+                   help=f"images per class (default {SITE_PER_CLASS}: the app's data.shots={APP_SHOTS} "
+                   f"training + {SITE_TEST_PER_CLASS} test images; use more than data.shots)")  # fmt: skip
     s.add_argument("--seed", type=int, default=0, help="rendering seed (default 0)")
     s.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
     s.add_argument("--force", action="store_true", help="rewrite an existing folder's train/")
@@ -614,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("quick-try", help="insecure loopback deployment: 1 SuperLink + N sites, one run, stop")
     s.add_argument("--num-sites", type=int, default=3)
-    s.add_argument("--per-class", type=int, default=8)
+    s.add_argument("--per-class", type=int, default=SITE_PER_CLASS,
+                   help=f"images per class in each generated site folder (default {SITE_PER_CLASS})")
     s.add_argument("--app", type=Path, default=None)
     s.add_argument("--run-config", default="")
     s.add_argument("--timeout", type=float, default=3600)
@@ -625,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "make-site-data":
             style = a.style or site_style(a.site)
             out = write_site(a.out_dir, style, a.per_class, a.seed, a.resolution, a.force)
-            print(f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r})")
+            print(f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r}; "
+                  f"{split_note(a.per_class)})")  # fmt: skip
             return 0
         if a.cmd == "shrink-data":
             n = shrink_imagefolder(a.src, a.dst, a.resolution)
@@ -671,9 +712,9 @@ def main(argv: list[str] | None = None) -> int:
             except LaunchError as err:
                 print(f"\nFedBiP run FAILED: {err}", file=sys.stderr)
                 return 1
-            print_summary(results)
+            code = print_summary(results)
             print(f"run {run.get('run-id')} {run.get('status')}; outputs: {Path(results['results_path']).parent}")
-            return 0
+            return code
         if a.cmd == "quick-try":
             return quick_try(a.app or _project_root(), dd, a.num_sites, a.per_class, a.run_config, a.timeout)
     except (DeployError, LaunchError, DataError) as err:

@@ -1,7 +1,9 @@
 """Run the FedBiP app with ``flwr run`` against a SuperLink this process owns, and check it.
 
 ``flwr run`` exits 0 even when the ServerApp fails, so this launcher reads the run's real
-status (``flwr ls --run-id``) and exits non-zero unless it is ``finished:completed``. It
+status (``flwr ls --run-id``) and exits non-zero unless it is ``finished:completed`` (exit 3:
+completed, but no accepted site could score the classifier; results.json says why and where
+the classifier is). It
 starts its own SuperLink (simulation runtime, runtime dependency installation disabled) on
 a free port with a private ``FLWR_HOME``, and always stops it.
 
@@ -24,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,47 +69,169 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def _start_time(pid: int) -> str:
+    """A process's start time (Linux ``/proc``), "" if it is gone or unknown: with the pid it
+    names one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid``'s live descendants (Linux ``/proc``; [] elsewhere), whatever their session:
+    Flower starts some children detached (``start_new_session``), outside the group."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo += children.get(child, [])
+    return out
+
+
+def signal_tree(pid: int, pids: list[int], sig: int) -> None:
+    """``sig`` to ``pid``'s process group and to each of ``pids``; never raises."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    state = ""
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"  # a zombie has exited; its parent has not reaped it yet
+
+
+def reap(stream, grace: float = 5.0) -> None:
+    """The reaper's loop: read ``+ pid start`` / ``- pid`` lines until end of input (its owner
+    exited, normally or by SIGKILL), then stop every registered process that still runs:
+    its group and all its descendants, SIGTERM and after ``grace`` seconds SIGKILL."""
+    groups: dict[int, str] = {}
+    for line in stream:
+        parts = line.split()
+        with contextlib.suppress(ValueError, IndexError):
+            if parts[0] == "+":
+                groups[int(parts[1])] = parts[2] if len(parts) > 2 else ""
+            elif parts[0] == "-":
+                groups.pop(int(parts[1]), None)
+    live = {p: process_tree(p) for p, st in groups.items() if _start_time(p) == st}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p, tree in live.items():
+            signal_tree(p, tree, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline and any(is_alive(x) for p, t in live.items() for x in [p, *t]):
+            time.sleep(0.1)
+
+
 class Processes:
-    """Owns Flower processes; every one is stopped on exit, whatever happens."""
+    """Owns Flower processes; every one is stopped on exit, whatever happens.
+
+    Each process starts in its own session (process group). Stopping one signals its group
+    and every descendant found under ``/proc`` (Flower detaches some children into sessions
+    of their own), SIGTERM and then SIGKILL. A reaper process (``launch.py --reap``, in a
+    session of its own) holds the other end of a pipe: if this process dies without
+    cleaning up, even by SIGKILL, the pipe closes and the reaper stops everything still
+    registered, so no Flower process outlives its owner.
+    """
 
     def __init__(self, env: dict[str, str], log_dir: Path):
         self.env, self.log_dir = env, log_dir
         self.procs: dict[str, subprocess.Popen] = {}
+        self.reaper: subprocess.Popen | None = None
+
+    def _tell_reaper(self, line: str) -> None:
+        if self.reaper is None or self.reaper.poll() is not None:
+            self.reaper = subprocess.Popen(
+                [sys.executable, "-I", str(Path(__file__).resolve()), "--reap"], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                close_fds=True,
+            )  # fmt: skip
+        with contextlib.suppress(OSError, ValueError):
+            assert self.reaper.stdin is not None
+            self.reaper.stdin.write(line + "\n")
+            self.reaper.stdin.flush()
 
     def start(self, name: str, args: list[str], cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")
-        proc = subprocess.Popen(
-            args, env=self.env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        try:
+            proc = subprocess.Popen(
+                args, env=self.env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            log.close()  # the child has its own copy
         self.procs[name] = proc
+        self._tell_reaper(f"+ {proc.pid} {_start_time(proc.pid)}")
         return proc
 
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+    def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+        """Stop ``name``, its group and its descendants: ``sig``, then SIGKILL after ``grace`` s."""
         proc = self.procs.get(name)
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        tree = process_tree(proc.pid)
+        if proc.poll() is None or any(is_alive(p) for p in tree):
+            signal_tree(proc.pid, tree, sig)
+            deadline = time.time() + grace
+            while time.time() < deadline and (proc.poll() is None or any(is_alive(p) for p in tree)):
+                time.sleep(0.1)
+            tree = sorted(set(tree) | set(process_tree(proc.pid)))
+            signal_tree(proc.pid, tree, signal.SIGKILL)  # the group may hold stragglers
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:  # stuck in the kernel: report it, stop the others
                 log.warning("process %s (pid %d) survived SIGKILL for 15 s", name, proc.pid)
+        self._tell_reaper(f"- {proc.pid}")
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def close_reaper(self) -> None:
+        """Let the reaper go (after a clean stop it finds nothing left to stop)."""
+        if self.reaper is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            assert self.reaper.stdin is not None
+            self.reaper.stdin.close()
+        try:
+            self.reaper.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.reaper.kill()
+            self.reaper.wait(timeout=5)
+        self.reaper = None
+
     def __enter__(self) -> Processes:
         return self
 
     def __exit__(self, *exc) -> None:
-        for name in reversed(list(self.procs)):
-            self.stop(name)
+        try:
+            for name in reversed(list(self.procs)):
+                self.stop(name)
+        finally:
+            self.close_reaper()
 
 
 def write_connection(flwr_home: Path, name: str, address: str, root_cert: str | None = None) -> None:
@@ -118,29 +243,52 @@ def write_connection(flwr_home: Path, name: str, address: str, root_cert: str | 
 
 def flwr_run(app: Path, connection: str, env: dict[str, str], run_config: str = "",
              federation_config: str = "", timeout: float = 3600, echo: bool = True) -> tuple[int, str]:  # fmt: skip
-    """``flwr run --stream``; returns (run id, its output). Raises if no run started."""
+    """``flwr run --stream``; returns (run id, its output). Raises if no run started.
+
+    Never blocks past ``timeout``: the CLI's output is read in a thread, and a CLI still
+    running at the deadline is stopped (its process group, SIGTERM then SIGKILL).
+    """
     args = [str(BIN / "flwr"), "run", str(app), connection, "--stream"]
     if federation_config:
         args += ["--federation-config", federation_config]
     if run_config:
         args += ["--run-config", run_config]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)  # fmt: skip
     out: list[str] = []
-    deadline = time.time() + timeout
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        out.append(line)
-        if echo:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        if time.time() > deadline:
-            proc.kill()
-            break
-    proc.wait()
+
+    def _read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    reader = threading.Thread(target=_read, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        if proc.poll() is None:  # timed out, or this process is being interrupted
+            signal_tree(proc.pid, process_tree(proc.pid), signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                signal_tree(proc.pid, process_tree(proc.pid), signal.SIGKILL)
+                proc.wait(timeout=10)
+        reader.join(timeout=10)
     text = "".join(out)
     m = re.search(r"Successfully started run (\d+)", text)
     if not m:
-        raise LaunchError(f"`flwr run` started no run (exit {proc.returncode}):\n{text[-3000:]}")
+        why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {proc.returncode}"
+        raise LaunchError(f"`flwr run` started no run ({why}):\n{text[-3000:]}")
+    if timed_out:
+        log.warning("`flwr run --stream` still streamed run %s after %.0f s; stopped following it", m.group(1),
+                    timeout)  # fmt: skip
     return int(m.group(1)), text
 
 
@@ -179,15 +327,26 @@ def find_results(output_dir: Path, run_id: int) -> Path | None:
     return hits[-1] if hits else None
 
 
-def print_summary(results: dict) -> None:
+UNSCORED_EXIT = 3  # the run completed and saved a classifier, but no accepted site could score it
+
+
+def print_summary(results: dict) -> int:
+    """Print the per-client table; returns the exit code the results call for (0, or
+    UNSCORED_EXIT when no accepted site scored the classifier, explained on stderr)."""
     print("\nFedBiP results")
     print(f"{'node':>22}  {'domain':<12} {'status':<9} {'accuracy':>8}  {'upload':>10}")
     for c in results["clients"]:
         acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.4f}"
-        print(f"{c['node_id']:>22}  {c['domain']:<12} {c['status']:<9} {acc:>8}  {c['upload_bytes']:>8} B")
+        print(f"{c['node_id']:>22}  {c['domain'][:40]:<12} {c['status']:<9} {acc:>8}  {c['upload_bytes']:>8} B")
     if results.get("mean_accuracy") is not None:
-        print(f"mean accuracy: {results['mean_accuracy']:.4f}")
+        print(f"mean accuracy: {results['mean_accuracy']:.4f} (accepted sites)")
+    if results.get("rejected_mean_accuracy") is not None:
+        print(f"rejected sites, apart: mean accuracy {results['rejected_mean_accuracy']:.4f}")
     print("time (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()))
+    if results.get("status") == "unscored":
+        print(f"\nFedBiP run UNSCORED: {results.get('error', '')}", file=sys.stderr)
+        return UNSCORED_EXIT
+    return 0
 
 
 def simulate(app: Path, num_supernodes: int, run_config: str, output_dir: Path,
@@ -249,11 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         print(f"\nFedBiP run FAILED: {err}", file=sys.stderr)
         return 1
-    print_summary(results)
+    code = print_summary(results)
     print(f"run {run.get('run-id')} {run.get('status')} in {time.time() - t0:.0f} s wall; "
           f"outputs: {Path(results['results_path']).parent}")  # fmt: skip
-    return 0
+    return code
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--reap"]:  # the reaper of Processes: stdlib only, runs as a plain script
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        reap(sys.stdin)
+        sys.exit(0)
     sys.exit(main())

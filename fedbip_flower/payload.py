@@ -10,6 +10,7 @@ The server treats every field as hostile until :func:`validate_reply` accepts it
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 UPLOAD, META, METRICS = "upload", "meta", "metrics"
+# Bounds on the strings and lists of an upload (a hostile client may send anything).
+MAX_NAME_CHARS = 200  # domain and each class name
+MAX_TEMPLATE_CHARS = 1000
+MAX_CLASSES = 10000
+MAX_METRICS, MAX_METRIC_KEY_CHARS = 64, 64
 _DTYPES = {"latents": "float16", "labels": "int64", "s": "float32", "v": "float32", "v_classes": "int64"}
 _NDIMS = {"latents": 4, "labels": 1, "s": 2, "v": 3, "v_classes": 1}
 
@@ -77,6 +83,10 @@ class Expected:
     max_images: int
     max_tokens: int = 8
     allow_empty_latents: bool = False
+    # The server's tokenizer: when set, the upload's prompts are laid out with it during
+    # validation, exactly as synthesis will do later (a template that passes the string
+    # checks can still be too long in tokens for the model).
+    tokenizer: object = field(default=None, compare=False, repr=False)
 
 
 def _array(rec: ArrayRecord, key: str, exp: Expected) -> torch.Tensor:
@@ -103,20 +113,88 @@ def _array(rec: ArrayRecord, key: str, exp: Expected) -> torch.Tensor:
     return t
 
 
-def _meta(meta: ConfigRecord, key: str, typ: type):
+def _unprintable(text: str) -> bool:
+    """Control characters (NUL, newlines, escapes, ...) or lone surrogates."""
+    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
+
+
+def safe_text(value: object, max_bytes: int = 300) -> str:
+    """``value`` as one printable log line: control characters escaped, at most ``max_bytes``
+    UTF-8 bytes (cut on a character boundary, marked with ``...``)."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(ch if unicodedata.category(ch) not in ("Cc", "Cs") else repr(ch)[1:-1] for ch in text)
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[: max(0, max_bytes - 3)].decode("utf-8", "ignore") + "..."
+
+
+def safe_filename(value: object, default: str = "client", max_bytes: int = 64) -> str:
+    """A file-name part from a client string: ASCII letters, digits, ``.``, ``-`` and ``_`` only
+    (no path separators, NUL or control characters; never ``.`` or ``..``), at most
+    ``max_bytes`` bytes; ``default`` if nothing is left."""
+    text = value if isinstance(value, str) else ""
+    out = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "._-")) else "-" for ch in text)
+    out = out.strip(".-")[:max_bytes].strip(".-")
+    return out or default
+
+
+def _meta(meta: ConfigRecord, key: str, typ: type, max_len: int = 0):
     if key not in meta:
         raise PayloadError(f"missing meta field '{key}'")
     val = meta[key]
     if typ is list:
         if not isinstance(val, list) or not all(isinstance(x, str) for x in val):
             raise PayloadError(f"meta field '{key}' must be a list of strings")
+        if max_len and len(val) > max_len:
+            raise PayloadError(f"meta field '{key}' holds {len(val)} items, above the cap of {max_len}")
     elif not isinstance(val, typ) or isinstance(val, bool) and typ is not bool:
         raise PayloadError(f"meta field '{key}' must be {typ.__name__}, got {type(val).__name__}")
+    if typ is str:
+        _check_string(key, val, max_len)
     return val
 
 
+def _check_string(what: str, val: str, max_len: int) -> None:
+    if max_len and len(val) > max_len:
+        raise PayloadError(f"{what} is {len(val)} characters long, above the cap of {max_len}")
+    if _unprintable(val):
+        raise PayloadError(f"{what} {safe_text(val, 80)} contains control characters")
+
+
+def _metrics(content: RecordDict) -> dict[str, float]:
+    """The optional ``metrics`` MetricRecord: at most MAX_METRICS finite numeric scalars."""
+    if METRICS not in content.metric_records:
+        return {}
+    rec = content.metric_records[METRICS]
+    if len(rec) > MAX_METRICS:
+        raise PayloadError(f"metrics hold {len(rec)} entries, above the cap of {MAX_METRICS}")
+    out = {}
+    for key, val in rec.items():
+        _check_string("a metric name", key, MAX_METRIC_KEY_CHARS)
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise PayloadError(f"metric {key!r} must be a number, got {type(val).__name__}")
+        try:
+            num = float(val)
+        except OverflowError as err:
+            raise PayloadError(f"metric {key!r} is out of range") from err
+        if not math.isfinite(num):
+            raise PayloadError(f"metric {key!r} is not finite")
+        out[key] = num
+    return out
+
+
 def validate_reply(content: RecordDict, exp: Expected) -> ClientPayload:
-    """Check every field of a client's reply; raise PayloadError naming the first problem."""
+    """Check every field of a client's reply; raise PayloadError naming the first problem.
+
+    Checked: the records and arrays present (no others in ``upload``), dtypes, ranks, shapes
+    and sizes against the server's model and caps, array bytes that decode to what their
+    headers claim (never a pickle), finite values in range, label and class ids, the model
+    fingerprint, meta field types, bounded strings and lists without control characters,
+    numeric scalar metrics and, with ``exp.tokenizer``, the prompts synthesis will build
+    (template + class names tokenized within the model's length). An accepted payload is
+    one synthesis can use.
+    """
     if UPLOAD not in content.array_records:
         raise PayloadError(f"no '{UPLOAD}' ArrayRecord in the reply")
     if META not in content.config_records:
@@ -127,22 +205,25 @@ def validate_reply(content: RecordDict, exp: Expected) -> ClientPayload:
         raise PayloadError(f"unexpected array(s) {sorted(extra)}")
     if rec.count_bytes() > exp.max_bytes:
         raise PayloadError(f"upload is {rec.count_bytes()} bytes, above the cap of {exp.max_bytes}")
-    fp = _meta(meta, "model-fingerprint", str)
+    fp = _meta(meta, "model-fingerprint", str, 100)
     if fp != exp.model_fingerprint:
         raise PayloadError(f"model fingerprint {fp!r} differs from the server's {exp.model_fingerprint!r}")
-    names = _meta(meta, "class-names", list)
-    if not names or len(names) > 100000 or len(set(names)) != len(names):
+    names = _meta(meta, "class-names", list, MAX_CLASSES)
+    if not names or len(set(names)) != len(names):
         raise PayloadError("class-names must be a non-empty list of distinct names")
-    template = _meta(meta, "template", str)
-    if template.count("[S]") != 1 or template.count("[V]") != 1 or len(template) > 1000:
-        raise PayloadError("template must contain [S] and [V] exactly once (and be short)")
+    for name in names:
+        _check_string("a class name", name, MAX_NAME_CHARS)
+    template = _meta(meta, "template", str, MAX_TEMPLATE_CHARS)
+    if template.count("[S]") != 1 or template.count("[V]") != 1:
+        raise PayloadError("template must contain [S] and [V] exactly once")
     timestep = _meta(meta, "timestep", int)
     if not 0 <= timestep < 1000:
         raise PayloadError(f"timestep {timestep} outside [0, 1000)")
-    injection = _meta(meta, "injection", str)
+    injection = _meta(meta, "injection", str, 100)
     if injection not in ("input", "output"):
         raise PayloadError(f"injection {injection!r} is not 'input' or 'output'")
-    domain = _meta(meta, "domain", str)[:200]
+    domain = _meta(meta, "domain", str, MAX_NAME_CHARS)
+    metrics = _metrics(content)
 
     latents, labels = _array(rec, "latents", exp), _array(rec, "labels", exp)
     s, v, v_classes = _array(rec, "s", exp), _array(rec, "v", exp), _array(rec, "v_classes", exp)
@@ -176,8 +257,25 @@ def validate_reply(content: RecordDict, exp: Expected) -> ClientPayload:
         raise PayloadError(f"labels {sorted(missing)} have no class concept")
     if max(s.abs().max().item(), v.abs().max().item()) > 1e4:
         raise PayloadError("concept vectors out of range")
-    return ClientPayload(
+    payload = ClientPayload(
         latents=latents, labels=labels, s=s, v=v, v_classes=v_classes, class_names=list(names),
         domain=domain, template=template, timestep=timestep, injection=injection,
-        model_fingerprint=fp,
+        model_fingerprint=fp, metrics=metrics,
+    )  # fmt: skip
+    if exp.tokenizer is not None:
+        try:
+            prompt_layout(exp.tokenizer, payload)
+        except Exception as err:  # whatever the tokenizer makes of hostile text
+            raise PayloadError(f"the prompts cannot be laid out with the server's tokenizer: "
+                               f"{type(err).__name__}: {safe_text(str(err), 200)}") from err  # fmt: skip
+    return payload
+
+
+def prompt_layout(tokenizer, payload: ClientPayload):
+    """The prompt layout synthesis uses for ``payload`` (one row per row of ``v``)."""
+    from fedbip_flower.embeddings import build_layout
+
+    return build_layout(
+        tokenizer, payload.template, payload.s.shape[0], payload.v.shape[1], payload.domain,
+        [payload.class_names[int(c)] for c in payload.v_classes],
     )  # fmt: skip

@@ -2,7 +2,16 @@
 
 Outputs, one folder per run under ``output-dir``: ``results.json`` (accuracy per client and
 mean, upload bytes per client, time per phase, full config, rejected nodes),
-``synthetic_<domain>.png`` per client, ``classifier.safetensors`` and ``server.log``.
+``synthetic_<domain>_node<id>.png`` per client, ``classifier.safetensors`` and ``server.log``.
+
+``results.json``: ``status`` is ``completed`` (at least one accepted site scored the
+classifier), ``unscored`` (a classifier was trained and saved, but no accepted site could
+score it: ``error`` says why, per node, and ``classifier_path`` where it is; the run itself
+completes) or ``failed``. ``mean_accuracy`` covers accepted sites only; scores of rejected
+sites that evaluated the classifier anyway are listed apart under ``rejected_scores``.
+
+A client's domain string becomes part of a file name only through ``safe_filename`` (ASCII
+letters, digits, ``.-_``; bounded), and every file is written inside the run folder.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from flwr.serverapp import Grid
 from fedbip_flower import __version__
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.ldm import load_components
+from fedbip_flower.payload import safe_filename, safe_text
 from fedbip_flower.shapes import image_grid
 from fedbip_flower.strategy import FedBiPError, FedBiPStrategy
 
@@ -74,25 +84,54 @@ def results_dict(strategy: FedBiPStrategy, cfg: FedBiPConfig, run_id: Any, statu
         clients.append({
             "node_id": r.node_id, "domain": r.domain, "status": r.status, "reason": r.reason,
             "upload_bytes": r.upload_bytes, "num_images": r.num_images,
-            "accuracy": r.accuracy, "num_test": r.num_test, "client_metrics": r.client_metrics,
+            "accuracy": r.accuracy, "num_test": r.num_test, "evaluation": r.evaluation,
+            "client_metrics": r.client_metrics,
         })  # fmt: skip
-    scored = [c["accuracy"] for c in clients if c["accuracy"] is not None]
+    scores = strategy.scores()
     return {
         "status": status,
         "error": error,
         "run_id": str(run_id),
         "fedbip_flower_version": __version__,
         "model": {"source": strategy.components.source, "fingerprint": strategy.components.fingerprint},
-        "mean_accuracy": sum(scored) / len(scored) if scored else None,
+        "mean_accuracy": scores["mean"],  # accepted sites only
+        "weighted_accuracy": scores["weighted"],
+        "num_scored": len(scores["accepted"]),
+        "rejected_scores": [
+            {"node_id": r.node_id, "domain": r.domain, "accuracy": r.accuracy, "num_test": r.num_test}
+            for r in scores["rejected"]
+        ],
+        "rejected_mean_accuracy": scores["rejected_mean"],
         "clients": clients,
         "num_synthetic": int(sum(len(v[1]) for v in strategy.synthetic.values())),
+        "classifier_path": "",
         "timings_s": {k: round(v, 2) for k, v in strategy.timings.items()},
         "config": cfg.to_run_config(),
     }
 
 
+def unscored_explanation(strategy: FedBiPStrategy, classifier_path: Path | None) -> str:
+    """Why a trained classifier has no score: what each accepted node answered."""
+    why = "; ".join(f"node {r.node_id} ({r.domain or '?'}): {r.evaluation}"
+                    for r in sorted(strategy.clients.values(), key=lambda r: r.node_id)
+                    if r.status == "accepted")  # fmt: skip
+    where = f"it is saved at {classifier_path}" if classifier_path else "it could not be saved"
+    return (f"a classifier was trained on {sum(len(v[1]) for v in strategy.synthetic.values())} synthetic "
+            f"images ({where}), but no accepted site could score it: {why}. A site needs more images "
+            "per class than data.shots to hold a test split.")  # fmt: skip
+
+
+def _write_results(run_dir: Path, res: dict) -> None:
+    (run_dir / "results.json").write_text(json.dumps(json_safe(res), indent=2, allow_nan=False))
+
+
 def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress: bool = True) -> dict:
-    """Run FedBiP on ``grid``; write and return the results. Raises on failure."""
+    """Run FedBiP on ``grid``; write and return the results. Raises on failure.
+
+    A run whose classifier no accepted site could score returns normally with status
+    ``unscored`` (explained in ``error`` and the log), not as a failure: the classifier
+    exists and is saved.
+    """
     cfg = FedBiPConfig.from_run_config(run_config)  # bad config: stop before any work
     run_dir = make_run_dir(cfg.output_dir, run_id)
     handler = _attach_log(run_dir)
@@ -108,22 +147,29 @@ def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress
             timeout=cfg.server.round_timeout, train_config=record, evaluate_config=record,
         )  # fmt: skip
         strategy.timings["total"] = time.time() - t0
-        _write_artifacts(strategy, run_dir)
-        res = results_dict(strategy, cfg, run_id, "completed")
-        if res["mean_accuracy"] is None:
-            raise FedBiPError("no client returned an evaluation")
-        (run_dir / "results.json").write_text(json.dumps(json_safe(res), indent=2, allow_nan=False))
-        log.info("mean accuracy over %d client(s): %.4f", len(strategy.accepted), res["mean_accuracy"])
+        classifier_path = _write_artifacts(strategy, run_dir)
+        scored = strategy.scores()["accepted"]
+        status = "completed" if scored else "unscored"
+        error = "" if scored else unscored_explanation(strategy, classifier_path)
+        res = results_dict(strategy, cfg, run_id, status, error)
+        res["classifier_path"] = str(classifier_path or "")
+        _write_results(run_dir, res)
+        if scored:
+            log.info("mean accuracy over %d accepted client(s): %.4f", len(scored), res["mean_accuracy"])
+        else:
+            log.error("no score for the classifier: %s", error)
+        if res["rejected_scores"]:
+            log.info("rejected site(s) scored apart (not in the mean): mean %.4f over %d",
+                     res["rejected_mean_accuracy"], len(res["rejected_scores"]))  # fmt: skip
         for c in res["clients"]:
-            log.info("  node %s %-12s %-9s acc=%s upload=%d B %s", c["node_id"], c["domain"],
+            log.info("  node %s %-12s %-9s acc=%s upload=%d B %s", c["node_id"], safe_text(c["domain"], 60),
                      c["status"], c["accuracy"], c["upload_bytes"], c["reason"])  # fmt: skip
         log.info("results written to %s", run_dir / "results.json")
         return res
     except Exception as err:
-        log.error("FedBiP run failed: %s", err)
+        log.error("FedBiP run failed: %s", safe_text(str(err), 4000))
         if strategy is not None:
-            res = results_dict(strategy, cfg, run_id, "failed", f"{type(err).__name__}: {err}")
-            (run_dir / "results.json").write_text(json.dumps(json_safe(res), indent=2, allow_nan=False))
+            _write_results(run_dir, results_dict(strategy, cfg, run_id, "failed", f"{type(err).__name__}: {err}"))
         raise
     finally:
         for name in ("fedbip_flower", "flwr"):
@@ -131,15 +177,30 @@ def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress
         handler.close()
 
 
-def _write_artifacts(strategy: FedBiPStrategy, run_dir: Path) -> None:
+def _inside(run_dir: Path, name: str) -> Path:
+    """``run_dir / name``, refusing any name that would leave the run folder."""
+    path = (run_dir / name).resolve()
+    if path.parent != run_dir.resolve():
+        raise ValueError(f"file name {name!r} leaves the run folder")
+    return path
+
+
+def _write_artifacts(strategy: FedBiPStrategy, run_dir: Path) -> Path | None:
+    """Per-client synthetic grids (a failure skips that picture only) and the classifier;
+    returns the classifier's path (None if there is none)."""
     from safetensors.torch import save_file
 
     from fedbip_flower.classifier import state_to_cpu
 
     for nid, (x, y) in strategy.synthetic.items():
-        name = strategy.clients[nid].domain.replace(" ", "-").replace("/", "-") or "client"
-        _grid_png(x, y, run_dir / f"synthetic_{name}_node{nid}.png")
-    if strategy.classifier is not None:
-        state = {k: v for k, v in state_to_cpu(strategy.classifier).items()}
-        save_file(state, str(run_dir / "classifier.safetensors"),
-                  metadata={"class_names": json.dumps(strategy.class_names)})  # fmt: skip
+        name = safe_filename(strategy.clients[nid].domain)
+        try:
+            _grid_png(x, y, _inside(run_dir, f"synthetic_{name}_node{int(nid)}.png"))
+        except Exception as err:  # noqa: BLE001 - a picture is not worth the run
+            log.warning("node %s: no synthetic image grid (%s: %s)", nid, type(err).__name__, safe_text(str(err)))
+    if strategy.classifier is None:
+        return None
+    path = _inside(run_dir, "classifier.safetensors")
+    state = {k: v for k, v in state_to_cpu(strategy.classifier).items()}
+    save_file(state, str(path), metadata={"class_names": json.dumps(strategy.class_names)})
+    return path

@@ -3,13 +3,25 @@
 Train phase: wait for ``min-clients`` nodes, send every connected node the personalization
 instruction, validate each reply (a bad or failed reply is rejected with a logged reason
 naming the node), synthesize a training set from the good uploads and train the global
-classifier. Evaluate phase: send the classifier to every node, which scores it on its
-private test split.
+classifier. Evaluate phase: send the classifier to every instructed node still online,
+which scores it on its private test split.
+
+No client can stop the run: every per-client step (intake, validation including the prompt
+layout with the server's tokenizer, synthesis from that client's upload, its evaluation
+reply) is guarded on its own, and a failure rejects or ignores that client only, with a
+logged reason naming its node id. Client strings are bounded and made printable before they
+reach a log line or a stored reason. The run stops only when fewer than ``min-clients``
+uploads are left (accepted and synthesized).
+
+Rejected sites receive the classifier in the evaluation round like accepted ones; their
+scores are reported apart (``scores()["rejected"]``) and never enter the headline mean,
+which covers accepted sites only.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -23,10 +35,20 @@ from flwr.serverapp.strategy import Strategy
 from fedbip_flower.classifier import state_to_cpu, train_classifier
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.ldm import LDMComponents
-from fedbip_flower.payload import META, UPLOAD, ClientPayload, Expected, PayloadError, validate_reply
+from fedbip_flower.payload import (
+    META,
+    UPLOAD,
+    ClientPayload,
+    Expected,
+    PayloadError,
+    safe_text,
+    validate_reply,
+)
 from fedbip_flower.synthesize import synthesize_client
 
 log = logging.getLogger(__name__)
+MAX_REASON_BYTES = 600  # a rejection reason or evaluation note, as logged and stored
+MAX_TEST_IMAGES = 10**9
 
 
 class FedBiPError(RuntimeError):
@@ -44,6 +66,7 @@ class ClientRecord:
     client_metrics: dict[str, float] = field(default_factory=dict)
     accuracy: float | None = None
     num_test: int = 0
+    evaluation: str = "not sent"  # scored / why the node has no score
 
 
 def expected_for(components: LDMComponents, cfg: FedBiPConfig) -> Expected:
@@ -55,6 +78,7 @@ def expected_for(components: LDMComponents, cfg: FedBiPConfig) -> Expected:
         max_bytes=int(cfg.server.max_upload_mb * 2**20),
         max_images=cfg.server.max_images,
         allow_empty_latents=not cfg.client.upload_latents,
+        tokenizer=components.tokenizer,
     )
 
 
@@ -96,10 +120,13 @@ class FedBiPStrategy(Strategy):
         return sorted(nodes)
 
     def _reject(self, node_id: int, reason: str) -> None:
+        """Mark ``node_id``'s upload rejected; ``reason`` (which may quote client text) is kept
+        and logged as one bounded, printable line naming the node."""
         rec = self.clients.setdefault(node_id, ClientRecord(node_id))
-        rec.status, rec.reason = "rejected", reason
+        rec.status, rec.reason = "rejected", safe_text(reason, MAX_REASON_BYTES)
         self.accepted.pop(node_id, None)
-        log.warning("rejected the upload of node %s: %s", node_id, reason)
+        self.synthetic.pop(node_id, None)
+        log.warning("rejected the upload of node %s: %s", node_id, rec.reason)
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -116,56 +143,96 @@ class FedBiPStrategy(Strategy):
         return msgs
 
     def _collect(self, replies: Iterable[Message]) -> None:
-        seen = set()
+        """Intake of the upload round: each reply is validated on its own; whatever it holds,
+        a bad one only rejects its node (with a logged reason naming it)."""
+        seen: set[int] = set()
         for rep in replies:
-            nid = self._sender(rep)
-            seen.add(nid)
-            rec = self.clients.setdefault(nid, ClientRecord(nid))
-            if rep.has_error():
-                self._reject(nid, f"client failed (code {rep.error.code}): {rep.error.reason}")
-                continue
             try:
-                payload = validate_reply(rep.content, self.expected)
-            except PayloadError as err:
-                self._reject(nid, f"invalid upload: {err}")
+                nid = self._sender(rep)
+            except Exception as err:  # noqa: BLE001 - a reply without usable metadata
+                log.warning("ignored a reply without a readable sender: %s", safe_text(repr(err)))
                 continue
-            except Exception as err:  # a hostile payload must not crash the server
+            if nid not in self.clients:
+                log.warning("ignored an upload from node %s, which was sent no instruction", nid)
+                continue
+            if nid in seen:
+                log.warning("ignored a second upload from node %s", nid)
+                continue
+            seen.add(nid)
+            try:
+                self.intake(nid, rep)
+            except Exception as err:  # noqa: BLE001 - a hostile reply must not stop the run
                 self._reject(nid, f"unreadable upload: {type(err).__name__}: {err}")
-                continue
-            rec.status, rec.domain = "accepted", payload.domain
-            rec.upload_bytes = rep.content.array_records[UPLOAD].count_bytes()
-            rec.num_images = int(payload.labels.numel())
-            metrics = rep.content.metric_records.get("metrics")
-            rec.client_metrics = {k: float(v) for k, v in (metrics or {}).items()}
-            self.accepted[nid] = payload
         for nid, rec in self.clients.items():
             if nid not in seen:
                 self._reject(nid, "no reply before the round timeout (node lost or too slow)")
-        if self.accepted:  # every accepted client must agree on the class list
-            names, _ = Counter(tuple(p.class_names) for p in self.accepted.values()).most_common(1)[0]
-            self.class_names = list(names)
-            for nid, p in list(self.accepted.items()):
-                if tuple(p.class_names) != names:
-                    self._reject(nid, f"class names {p.class_names[:5]}... differ from the majority's")
+        self._agree_on_classes()
+
+    def intake(self, nid: int, rep: Message) -> ClientPayload | None:
+        """Validate node ``nid``'s upload and record it as accepted, or reject it (returns None).
+
+        Validation covers everything synthesis relies on later, including laying out the
+        prompts with the server's tokenizer; an accepted payload is one synthesis can use.
+        """
+        rec = self.clients.setdefault(nid, ClientRecord(nid))
+        if rep.has_error():
+            self._reject(nid, f"client failed (code {rep.error.code}): {rep.error.reason}")
+            return None
+        try:
+            payload = validate_reply(rep.content, self.expected)
+        except PayloadError as err:
+            self._reject(nid, f"invalid upload: {err}")
+            return None
+        rec.status, rec.reason, rec.domain = "accepted", "", payload.domain
+        rec.upload_bytes = int(rep.content.array_records[UPLOAD].count_bytes())
+        rec.num_images = int(payload.labels.numel())
+        rec.client_metrics = dict(payload.metrics)
+        self.accepted[nid] = payload
+        return payload
+
+    def _agree_on_classes(self) -> None:
+        """Every accepted client must agree on the class list: the majority's is kept."""
+        if not self.accepted:
+            return
+        names, _ = Counter(tuple(p.class_names) for p in self.accepted.values()).most_common(1)[0]
+        self.class_names = list(names)
+        for nid, p in list(self.accepted.items()):
+            if tuple(p.class_names) != names:
+                self._reject(nid, f"its {len(p.class_names)} class names {p.class_names[:3]}... differ from "
+                                  f"the majority's {len(names)} {list(names[:3])}...")  # fmt: skip
+
+    def _require_min_clients(self, stage: str) -> None:
+        good = len(self.accepted)
+        if good < self.cfg.min_clients:
+            reasons = "; ".join(f"node {r.node_id}: {r.reason}" for r in self.clients.values() if r.reason)
+            raise FedBiPError(
+                f"only {good} good upload(s) {stage}, min-clients is {self.cfg.min_clients}. {reasons}"
+            )
+
+    def synthesize(self, nid: int, seed: int) -> bool:
+        """Synthesize node ``nid``'s images; a failure rejects that node only (returns False)."""
+        p = self.accepted[nid]
+        try:
+            self.synthetic[nid] = synthesize_client(
+                self.components, p, self.cfg.server, seed=seed, progress=self.progress,
+                desc=f"synthesis {safe_text(p.domain, 40)}",
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
+            self._reject(nid, f"synthesis from its upload failed: {type(err).__name__}: {err}")
+            return False
+        return True
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         self.timings["clients"] = time.time() - self._t_sent
         self._collect(replies)
-        good = len(self.accepted)
-        log.info("%d of %d upload(s) accepted", good, len(self.clients))
-        if good < self.cfg.min_clients:
-            reasons = "; ".join(f"node {r.node_id}: {r.reason}" for r in self.clients.values() if r.reason)
-            raise FedBiPError(
-                f"only {good} good upload(s), min-clients is {self.cfg.min_clients}. {reasons}"
-            )
+        log.info("%d of %d upload(s) accepted", len(self.accepted), len(self.clients))
+        self._require_min_clients("accepted")
         t0 = time.time()
         order = sorted(self.accepted, key=lambda n: (self.accepted[n].domain, self._digest(n)))
         for k, nid in enumerate(order):
-            p = self.accepted[nid]
-            self.synthetic[nid] = synthesize_client(
-                self.components, p, self.cfg.server, seed=self.cfg.seed * 1000 + k,
-                progress=self.progress, desc=f"synthesis {p.domain}",
-            )  # fmt: skip
+            self.synthesize(nid, seed=self.cfg.seed * 1000 + k)
+        self._require_min_clients("left after synthesis")
+        order = [n for n in order if n in self.synthetic]
         self.timings["synthesis"] = time.time() - t0
         x = torch.cat([self.synthetic[n][0] for n in order])
         y = torch.cat([self.synthetic[n][1] for n in order])
@@ -176,7 +243,7 @@ class FedBiPStrategy(Strategy):
             self.components.device, self.progress,
         )  # fmt: skip
         self.timings["classifier"] = time.time() - t0
-        metrics = MetricRecord({"num-synthetic": len(x), "num-accepted": good, **stats})
+        metrics = MetricRecord({"num-synthetic": len(x), "num-accepted": len(order), **stats})
         return ArrayRecord(state_to_cpu(self.classifier)), metrics
 
     def _digest(self, nid: int) -> int:
@@ -186,10 +253,22 @@ class FedBiPStrategy(Strategy):
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:  # fmt: skip
+        """Send the classifier to every instructed node that is still online.
+
+        Rejected sites receive it too: they are authenticated members of the federation (a
+        rejection is about one upload, not membership) and would have received it with a
+        good upload. Their scores are kept apart: the headline mean covers accepted sites
+        only (see ``scores``).
+        """
         self._t_sent = time.time()
         online = set(grid.get_node_ids())
         msgs = []
-        for nid in sorted(n for n in self.clients if n in online):
+        for nid in sorted(self.clients):
+            rec = self.clients[nid]
+            if nid not in online:
+                rec.evaluation = "offline when the classifier was sent"
+                continue
+            rec.evaluation = "no evaluation reply"
             content = RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))})
             msgs.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=nid))
         self._sent = msgs
@@ -197,37 +276,87 @@ class FedBiPStrategy(Strategy):
         return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record each node's score; a malformed or failed reply is logged (naming the node)
+        and ignored. Returns the mean over accepted sites, or None if none of them scored."""
+        seen: set[int] = set()
         for rep in replies:
-            nid = self._sender(rep)
-            rec = self.clients.setdefault(nid, ClientRecord(nid))
-            if rep.has_error():
-                log.warning("node %s failed to evaluate: %s", nid, rep.error.reason)
-                continue
             try:
-                m = rep.content.metric_records["metrics"]
-                acc, n = float(m["accuracy"]), int(m["num-examples"])
-                meta = rep.content.config_records.get(META)
-                if meta is not None and isinstance(meta.get("domain"), str) and not rec.domain:
-                    rec.domain = meta["domain"][:200]
-            except (KeyError, TypeError, ValueError) as err:
-                log.warning("node %s sent malformed metrics: %s", nid, err)
+                nid = self._sender(rep)
+            except Exception as err:  # noqa: BLE001
+                log.warning("ignored an evaluation reply without a readable sender: %s", safe_text(repr(err)))
                 continue
-            if n == 0:  # a site whose partition left no test images cannot score
-                log.info("node %s has no test images: not scored", nid)
-                rec.num_test = 0
+            if nid not in self.clients:
+                log.warning("ignored an evaluation from node %s, which was sent no classifier", nid)
                 continue
-            if not (0.0 <= acc <= 1.0) or n < 0:
-                log.warning("node %s sent out-of-range metrics (%s, %s)", nid, acc, n)
+            if nid in seen:
+                log.warning("ignored a second evaluation from node %s", nid)
                 continue
-            rec.accuracy, rec.num_test = acc, n
+            seen.add(nid)
+            try:
+                self.record_evaluation(nid, rep)
+            except Exception as err:  # noqa: BLE001 - never let one reply stop the run
+                self._eval_problem(nid, f"unreadable evaluation reply: {type(err).__name__}: {err}")
         self.timings["evaluation"] = time.time() - self._t_sent
-        scored = [r for r in self.clients.values() if r.accuracy is not None]
-        if not scored:
+        scores = self.scores()
+        if not scores["accepted"]:
             return None
-        mean = sum(r.accuracy for r in scored) / len(scored)
-        total = sum(r.num_test for r in scored)
-        weighted = sum(r.accuracy * r.num_test for r in scored) / max(1, total)
-        return MetricRecord({"accuracy-mean": mean, "accuracy-weighted": weighted, "num-clients": len(scored)})
+        return MetricRecord({
+            "accuracy-mean": scores["mean"], "accuracy-weighted": scores["weighted"],
+            "num-clients": len(scores["accepted"]),
+        })  # fmt: skip
+
+    def _eval_problem(self, nid: int, what: str) -> None:
+        rec = self.clients[nid]
+        rec.accuracy, rec.num_test = None, 0
+        rec.evaluation = safe_text(what, MAX_REASON_BYTES)
+        log.warning("node %s: %s", nid, rec.evaluation)
+
+    def record_evaluation(self, nid: int, rep: Message) -> None:
+        """Check and record node ``nid``'s evaluation reply (never raises for bad content)."""
+        rec = self.clients[nid]
+        if rep.has_error():
+            self._eval_problem(nid, f"failed to evaluate (code {rep.error.code}): {rep.error.reason}")
+            return
+        if "metrics" not in rep.content.metric_records:
+            self._eval_problem(nid, "sent no 'metrics' record with its evaluation")
+            return
+        m = rep.content.metric_records["metrics"]
+        acc, n = m.get("accuracy"), m.get("num-examples")
+        if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not math.isfinite(acc):
+            self._eval_problem(nid, f"sent a malformed accuracy ({safe_text(repr(acc), 80)})")
+            return
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TEST_IMAGES:
+            self._eval_problem(nid, f"sent a malformed test count ({safe_text(repr(n), 80)})")
+            return
+        if META in rep.content.config_records and not rec.domain:
+            domain = rep.content.config_records[META].get("domain")
+            if isinstance(domain, str):
+                rec.domain = safe_text(domain, 200)
+        if n == 0:  # a site whose data left no test images cannot score
+            rec.accuracy, rec.num_test = None, 0
+            rec.evaluation = "no test images"
+            log.info("node %s has no test images: not scored", nid)
+            return
+        if not 0.0 <= acc <= 1.0:
+            self._eval_problem(nid, f"sent an accuracy outside [0, 1] ({acc!r})")
+            return
+        rec.accuracy, rec.num_test, rec.evaluation = float(acc), n, "scored"
+
+    def scores(self) -> dict:
+        """Scores of accepted sites (the headline: mean and test-count weighted mean) and,
+        apart, of rejected sites that evaluated the classifier anyway."""
+        acc = [r for r in self.clients.values() if r.status == "accepted" and r.accuracy is not None]
+        rej = [r for r in self.clients.values() if r.status != "accepted" and r.accuracy is not None]
+        total = sum(r.num_test for r in acc)
+        return {
+            "accepted": acc,
+            "rejected": rej,
+            "mean": sum(r.accuracy for r in acc) / len(acc) if acc else None,
+            "weighted": sum(r.accuracy * r.num_test for r in acc) / total if total else None,
+            "rejected_mean": sum(r.accuracy for r in rej) / len(rej) if rej else None,
+        }
 
     def summary(self) -> None:
         c = self.cfg

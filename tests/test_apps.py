@@ -146,15 +146,18 @@ def test_same_seed_same_results(fast_run_config, tmp_path):
 def test_no_concept_steps_and_a_site_without_test_images_give_valid_json(fast_run_config, tmp_path):
     from fedbip_flower.deploy import write_site
 
-    # Site 101 holds exactly `shots` images per class: nothing is left for its test split.
+    # Site 101 holds exactly `shots` images per class: nothing is left for its test split, so
+    # its ClientApp refuses at once (before personalization) and the server rejects it.
     nodes = _nodes(2)
     nodes[101]["data-dir"] = str(write_site(tmp_path / "site", "thermal", per_class=3))
     out = tmp_path / "out"
     res = run_server(FakeGrid(nodes, client_module.app),
-                     {**fast_run_config, "client.steps": 0, "output-dir": str(out)}, run_id=3, progress=False)  # fmt: skip
+                     {**fast_run_config, "client.steps": 0, "min-clients": 1, "output-dir": str(out)},
+                     run_id=3, progress=False)  # fmt: skip
     text = next(out.glob("*/results.json")).read_text()
     assert "NaN" not in text and json.loads(text)["status"] == "completed"
     by_node = {c["node_id"]: c for c in json.loads(text)["clients"]}
-    assert by_node[101]["accuracy"] is None and by_node[101]["num_test"] == 0
+    assert by_node[101]["status"] == "rejected" and by_node[101]["accuracy"] is None
+    assert "30 training and 0 test" in by_node[101]["reason"] and "'thermal'" in by_node[101]["reason"]
     assert 0 <= by_node[100]["accuracy"] <= 1 and res["mean_accuracy"] == by_node[100]["accuracy"]
     assert all("loss-first" not in c["client_metrics"] for c in by_node.values())
