@@ -168,12 +168,12 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
     names = [d.domain if len({dd.domain for dd in datas}) == n else f"{d.domain}#{k}" for k, d in enumerate(datas)]
 
     def finish(name, x, y, bytes_, client_s, server_t0):
-        model, _ = train_classifier(x, y, num_classes, cfg.classifier, seed, comps.device, progress)
+        model, stats = train_classifier(x, y, num_classes, cfg.classifier, seed, comps.device, progress)
         server_s = time.time() - server_t0
         results[name] = {
             "accuracy": {nm: evaluate(model, d.test_images, d.test_labels, comps.device) for nm, d in zip(names, datas)},
             "upload_bytes": bytes_, "client_seconds": client_s, "server_seconds": server_s,
-            "num_train_images": len(x),
+            "num_train_images": len(x), "classifier_steps": int(stats["sgd-steps"]),
         }  # fmt: skip
 
     for m in methods:

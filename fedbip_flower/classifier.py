@@ -88,13 +88,16 @@ def train_classifier(
     # The optimizer is built after the model is final, so the new head is trained too.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     bounds = batch_bounds(len(images), cfg.batch_size)
-    steps_per_epoch = len(bounds)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
-    )
+    steps_per_epoch = max(1, sum(j - i >= 2 for i, j in bounds))
+    # A step budget (cfg.steps) trains every set for the same number of SGD steps: whole
+    # epochs while they fit, then the first batches of one more shuffled epoch.
+    total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+    epochs = -(-total_steps // steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15)
     x_all = _normalize(images)
     first = last = float("nan")
-    bar = tqdm(range(cfg.epochs), desc="classifier", unit="epoch", disable=not progress, leave=False)
+    done = 0
+    bar = tqdm(range(epochs), desc="classifier", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(images), generator=gen)
@@ -103,6 +106,8 @@ def train_classifier(
             idx = perm[i:j]
             if len(idx) < 2:  # BatchNorm needs more than one sample (a one-image training set)
                 continue
+            if done == total_steps:
+                break
             x = x_all[idx]
             if cfg.augment:
                 x = _augment(x, gen)
@@ -111,6 +116,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
+            done += 1
             total += loss.item() * len(idx)
             count += len(idx)
         avg = total / max(1, count)
@@ -118,7 +124,7 @@ def train_classifier(
         last = avg
         bar.set_postfix(loss=f"{avg:.3f}")
     model.eval().cpu()
-    return model, {"loss-first-epoch": first, "loss-last-epoch": last}
+    return model, {"loss-first-epoch": first, "loss-last-epoch": last, "sgd-steps": float(done)}
 
 
 @torch.no_grad()

@@ -1,14 +1,16 @@
-"""Evidence of the bundled LDM's quality, and of the gap FedBiP has to close.
+"""Evidence of the bundled LDM's quality, and of how far FedBiP's concepts reach.
 
 1. A sample grid: pretraining styles x classes, prompted "a {style} style of a {class}".
-2. Generation accuracy: a judge trained on code-generated images of the pretraining styles
-   labels the LDM's class-prompted samples. The judge is a small all-convolutional network
-   that keeps the 32 px resolution (a ResNet-18 with its ImageNet stem shrinks a 32 px image
-   to 8x8 before its first block and is a poor judge at this size; with the CIFAR stem it
-   is 5x slower on CPU); its accuracy on held-out code-generated images is its ceiling.
-3. The held-out gap: samples prompted with a held-out style's plain name, as a grid, and a
-   style classifier's verdict (trained on code-generated images of all twelve styles):
-   how often a sample is recognised as the style it was prompted with.
+2. Generation accuracy: a class judge trained on code-rendered images labels the LDM's
+   class-prompted samples of the pretraining styles. The judges are small all-convolutional
+   networks that keep the 32 px resolution (a ResNet-18 with its ImageNet stem shrinks a
+   32 px image to 8x8 before its first block); their accuracy on held-out code-rendered
+   images is their ceiling.
+3. Concept recovery: for every client style (and the out-of-reach control), one client's 16
+   shots per class learn S and V with the default client settings; their concept-only
+   samples (fresh noise, no uploaded latents) are judged by a style judge over all styles and
+   by the class judge, beside samples prompted with the style's plain name (which the LDM
+   never saw) and with its true factor words (the oracle a site cannot write down).
 
 Usage::
 
@@ -21,6 +23,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ import torch
 
 from fedbip_flower import shapes
 from fedbip_flower.classifier import evaluate, train_classifier
-from fedbip_flower.config import ClassifierConfig, ServerConfig
+from fedbip_flower.config import ClassifierConfig, ClientConfig, ServerConfig
 from fedbip_flower.ldm import load_components
 from fedbip_flower.pretrain import PROMPT
 from fedbip_flower.synthesize import synthesize_from_prompts
@@ -47,10 +50,13 @@ def judge_net(num_classes: int, width: int = 16) -> torch.nn.Module:
     return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c_in, num_classes))
 
 
-def _sample(comps, styles, per_pair, cfg, seed):
-    prompts = [PROMPT.format(style=s, cls=c) for s in styles for c in shapes.CLASSES]
+def _sample(comps, styles, per_pair, cfg, seed, words: bool = False):
+    """Class-prompted samples of each style, by name or (``words``) by its factor words."""
+    prompts = [
+        PROMPT.format(style=shapes.describe(s) if words else s, cls=c) for s in styles for c in shapes.CLASSES
+    ]  # fmt: skip
     idx = torch.arange(len(prompts)).repeat_interleave(per_pair)
-    x, _ = synthesize_from_prompts(comps, prompts, idx, cfg, seed, desc="LDM samples")
+    x, _ = synthesize_from_prompts(comps, prompts, idx, cfg, seed, desc="LDM samples", progress=False)
     cls = idx % len(shapes.CLASSES)
     sty = torch.tensor([shapes.STYLES.index(styles[i // len(shapes.CLASSES)]) for i in idx.tolist()])
     return x, cls, sty
@@ -67,13 +73,103 @@ def _grid(x: torch.Tensor, rows: int, cols: int, per_pair: int, path: Path) -> N
     img.resize((img.width * 3, img.height * 3), 0).save(path)
 
 
-def report(model: str, out: Path, seed: int = 0, per_pair: int = 10, steps: int = 20,
-           guidance: float = 3.0, train_per_class: int = 60, epochs: int = 12) -> dict:  # fmt: skip
+@dataclass
+class Judges:
+    """A class judge and a style judge, trained on code-rendered images of every style."""
+
+    cls: torch.nn.Module
+    style: torch.nn.Module
+    class_ceiling: float
+    style_ceiling: float
+    device: torch.device
+
+    @torch.no_grad()
+    def styles_of(self, x: torch.Tensor) -> torch.Tensor:
+        self.style.to(self.device).eval()
+        out = [self.style(x[i : i + 512].float().div(127.5).sub(1).to(self.device)).argmax(1).cpu()
+               for i in range(0, len(x), 512)]  # fmt: skip
+        return torch.cat(out)
+
+    def verdict(self, x: torch.Tensor, cls: torch.Tensor, style: str) -> dict:
+        """Share of samples recognised as ``style``, class accuracy, most common verdict."""
+        pred = self.styles_of(x)
+        counts = np.bincount(pred.numpy(), minlength=len(shapes.STYLES))
+        return {
+            "recognised_as_target_style": float((pred == shapes.STYLES.index(style)).float().mean()),
+            "class_accuracy": evaluate(self.cls, x, cls, self.device),
+            "most_common_verdict": shapes.STYLES[int(counts.argmax())],
+            "share_judged_pretraining_style": float(counts[: len(shapes.PRETRAIN_STYLES)].sum() / len(x)),
+        }
+
+
+def train_judges(seed: int, device, per_class: int = 24, epochs: int = 10) -> Judges:
+    """Judges of class and style over all styles (pretraining, client and control)."""
+    ccfg = ClassifierConfig(epochs=epochs, batch_size=64, lr=0.05)
+    x, y, d = _code_images(list(shapes.STYLES), per_class, seed + 100)
+    n_cls, n_sty = len(shapes.CLASSES), len(shapes.STYLES)
+    cls_model, _ = train_classifier(x, y, n_cls, ccfg, seed, device, progress=False, model=judge_net(n_cls))
+    sty_model, _ = train_classifier(x, d, n_sty, ccfg, seed, device, progress=False, model=judge_net(n_sty))
+    xt, yt, dt = _code_images(list(shapes.STYLES), 4, seed + 200)
+    return Judges(cls_model, sty_model, evaluate(cls_model, xt, yt, device), evaluate(sty_model, xt, dt, device),
+                  device)  # fmt: skip
+
+
+def concept_recovery(
+    comps, styles, judges: Judges, client: ClientConfig, sample_cfg: ServerConfig, seed: int = 0,
+    shots: int = 16, grid: Path | None = None,
+) -> dict:  # fmt: skip
+    """How far learned concepts reach: one client per style with ``shots`` images per class
+    learns S and V (``client`` settings, concept level only), and its concept-only samples are
+    judged beside plain-name prompts and the oracle prompt of the style's true factor words."""
+    from fedbip_flower.data import ClientData
+    from fedbip_flower.embeddings import DEFAULT_TEMPLATE
+    from fedbip_flower.personalize import personalize
+    from fedbip_flower.synthesize import synthesize_client
+
+    res, tiles = {}, []
+    client = replace(client, upload_latents=False)
+    for k, style in enumerate(styles):
+        t0 = time.time()
+        imgs, labels, _ = shapes.render_array([style], shots, seed=seed + 500)
+        empty = torch.zeros((0, 3, *imgs.shape[1:3]), dtype=torch.uint8)
+        data = ClientData(
+            torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), empty,
+            torch.zeros(0, dtype=torch.int64), list(shapes.CLASSES), style,
+        )  # fmt: skip
+        payload = personalize(comps, data, client, DEFAULT_TEMPLATE, 0, seed + k, progress=False)
+        x, y = synthesize_client(comps, payload, sample_cfg, seed + k, progress=False)
+        xn, yn, _ = _sample(comps, [style], shots, sample_cfg, seed + k)
+        xo, yo, _ = _sample(comps, [style], shots, sample_cfg, seed + k, words=True)
+        res[style] = {
+            "factors": dict(zip(shapes.FACTORS, shapes.STYLE_FACTORS[style], strict=True)),
+            "out_of_reach": bool(set(shapes.STYLE_FACTORS[style]) & shapes.UNSEEN_VALUES),
+            "learned_concepts": judges.verdict(x, y, style),
+            "plain_name_prompt": judges.verdict(xn, yn, style),
+            "factor_words_prompt": judges.verdict(xo, yo, style),
+            "seconds": round(time.time() - t0, 1),
+        }
+        log.info("recovery %s: %s (%.0f s)", style, res[style]["learned_concepts"], time.time() - t0)
+        order = torch.argsort(y, stable=True)
+        tiles += [x[order][i * shots].permute(1, 2, 0).numpy() for i in range(len(shapes.CLASSES))]
+    if grid is not None and tiles:
+        img = shapes.image_grid(tiles, len(styles), len(shapes.CLASSES))
+        img.resize((img.width * 3, img.height * 3), 0).save(grid)
+    reach = [v for v in res.values() if not v["out_of_reach"]]
+    if reach:
+        res["mean_over_client_styles"] = {
+            kind: {m: float(np.mean([v[kind][m] for v in reach])) for m in ("recognised_as_target_style", "class_accuracy")}
+            for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")
+        }  # fmt: skip
+    return res
+
+
+def report(model: str, out: Path, seed: int = 0, per_pair: int = 5, steps: int = 20,
+           guidance: float = 3.0, client: ClientConfig | None = None) -> dict:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     comps = load_components(model, "auto", "auto")
     cfg = ServerConfig(inference_steps=steps, guidance_scale=guidance, batch_size=80)
-    pre, held = list(shapes.PRETRAIN_STYLES), list(shapes.HELDOUT_STYLES)
+    pre, held = list(shapes.PRETRAIN_STYLES), list(shapes.HELDOUT_STYLES) + list(shapes.CONTROL_STYLES)
     xs_pre, cls_pre, sty_pre = _sample(comps, pre, per_pair, cfg, seed)
     xs_held, cls_held, sty_held = _sample(comps, held, per_pair, cfg, seed + 1)
     _grid(xs_pre, len(pre), len(shapes.CLASSES), per_pair, out / "ldm_samples.png")
@@ -81,48 +177,30 @@ def report(model: str, out: Path, seed: int = 0, per_pair: int = 10, steps: int 
     real_held = [shapes.render_sample(s, c, 0, seed=seed + 5) for s in held for c in shapes.CLASSES]
     im = shapes.image_grid(real_held, len(held), len(shapes.CLASSES))
     im.resize((im.width * 3, im.height * 3), 0).save(out / "heldout_real.png")
+    log.info("samples drawn (%.0f s); training the judges", time.time() - t0)
 
-    ccfg = ClassifierConfig(epochs=epochs, batch_size=64, lr=0.05)
-    dev = comps.device
-    x, y, _ = _code_images(pre, train_per_class, seed + 100)
-    n_cls = len(shapes.CLASSES)
-    cls_model, _ = train_classifier(x, y, n_cls, ccfg, seed, dev, model=judge_net(n_cls))
-    xt, yt, _ = _code_images(pre, 10, seed + 200)
-    acc_real = evaluate(cls_model, xt, yt, dev)
-    gen_acc = evaluate(cls_model, xs_pre, cls_pre, dev)
+    judges = train_judges(seed, comps.device)
+    gen_acc = evaluate(judges.cls, xs_pre, cls_pre, judges.device)
     per_style = {
-        s: evaluate(cls_model, xs_pre[sty_pre == shapes.STYLES.index(s)], cls_pre[sty_pre == shapes.STYLES.index(s)], dev)
+        s: evaluate(judges.cls, xs_pre[sty_pre == shapes.STYLES.index(s)], cls_pre[sty_pre == shapes.STYLES.index(s)],
+                    judges.device)
         for s in pre
     }  # fmt: skip
-
-    xd, _, yd = _code_images(list(shapes.STYLES), train_per_class // 2, seed + 300)
-    dom_model, _ = train_classifier(xd, yd, len(shapes.STYLES), ccfg, seed, dev, model=judge_net(len(shapes.STYLES)))
-    xdt, _, ydt = _code_images(list(shapes.STYLES), 4, seed + 400)
-    dom_acc_real = evaluate(dom_model, xdt, ydt, dev)
-    with torch.no_grad():
-        pred_pre = dom_model.to(dev)(xs_pre.float().div(127.5).sub(1).to(dev)).argmax(1).cpu()
-        pred_held = dom_model(xs_held.float().div(127.5).sub(1).to(dev)).argmax(1).cpu()
-    verdict_held = {}
-    for s in held:
-        mask = sty_held == shapes.STYLES.index(s)
-        counts = np.bincount(pred_held[mask].numpy(), minlength=len(shapes.STYLES))
-        verdict_held[s] = {
-            "recognised_as_prompted_style": float((pred_held[mask] == shapes.STYLES.index(s)).float().mean()),
-            "most_common_verdict": shapes.STYLES[int(counts.argmax())],
-            "share_judged_pretraining_style": float(counts[: len(pre)].sum() / mask.sum()),
-        }
+    pred_pre = judges.styles_of(xs_pre)
+    log.info("judges trained (%.0f s); concept recovery", time.time() - t0)
+    recovery = concept_recovery(comps, held, judges, client or ClientConfig(), cfg, seed,
+                                grid=out / "ldm_concept_recovery.png")  # fmt: skip
     res = {
         "model": model,
         "fingerprint": comps.fingerprint,
-        "settings": {"seed": seed, "samples_per_prompt": per_pair, "ddim_steps": steps, "guidance": guidance},
+        "settings": {"seed": seed, "samples_per_prompt": per_pair, "ddim_steps": steps, "guidance": guidance,
+                     "client": asdict(client or ClientConfig())},  # fmt: skip
         "generation_accuracy": gen_acc,
         "generation_accuracy_per_style": per_style,
-        "class_classifier_accuracy_on_code_images": acc_real,
-        "style_classifier_accuracy_on_code_images": dom_acc_real,
-        "pretraining_prompts_recognised_as_prompted_style": float(
-            (pred_pre == sty_pre).float().mean()
-        ),
-        "heldout_prompts": verdict_held,
+        "class_judge_accuracy_on_code_images": judges.class_ceiling,
+        "style_judge_accuracy_on_code_images": judges.style_ceiling,
+        "pretraining_prompts_recognised_as_prompted_style": float((pred_pre == sty_pre).float().mean()),
+        "concept_recovery": recovery,
         "seconds": round(time.time() - t0, 1),
     }
     (out / "ldm_report.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -134,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="bundled")
     p.add_argument("--output", type=Path, default=Path("docs"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples-per-prompt", type=int, default=10)
+    p.add_argument("--samples-per-prompt", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     a = p.parse_args(argv)
@@ -142,15 +220,24 @@ def main(argv: list[str] | None = None) -> None:
     r = report(a.model, a.output, a.seed, a.samples_per_prompt, a.steps, a.guidance)
     print(f"generation accuracy (class-prompted samples, pretraining styles): {r['generation_accuracy']:.3f}")
     for s, v in r["generation_accuracy_per_style"].items():
-        print(f"  {s:<10} {v:.3f}")
-    print(f"reference classifier on code-generated test images: {r['class_classifier_accuracy_on_code_images']:.3f}")
-    print(f"style classifier on code images: {r['style_classifier_accuracy_on_code_images']:.3f}; "
-          f"pretraining-style prompts recognised as their style: "
-          f"{r['pretraining_prompts_recognised_as_prompted_style']:.3f}")  # fmt: skip
-    for s, v in r["heldout_prompts"].items():
-        print(f"  prompt '{s}': recognised as {s} {v['recognised_as_prompted_style']:.3f}, "
-              f"most often judged '{v['most_common_verdict']}', judged a pretraining style "
-              f"{v['share_judged_pretraining_style']:.3f}")  # fmt: skip
+        print(f"  {s:<12} {v:.3f}")
+    print(f"class judge on code-rendered test images: {r['class_judge_accuracy_on_code_images']:.3f}; "
+          f"style judge: {r['style_judge_accuracy_on_code_images']:.3f}; pretraining-style prompts "
+          f"recognised as their style: {r['pretraining_prompts_recognised_as_prompted_style']:.3f}")  # fmt: skip
+    print("concept recovery (share recognised as the target style / class accuracy):")
+    print(f"  {'style':<12} {'learned S, V':>14} {'plain name':>14} {'factor words':>14}")
+    for s, v in r["concept_recovery"].items():
+        if s == "mean_over_client_styles":
+            continue
+        cells = [f"{v[k]['recognised_as_target_style']:.2f} / {v[k]['class_accuracy']:.2f}"
+                 for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")]  # fmt: skip
+        tag = " (out of reach)" if v["out_of_reach"] else ""
+        print(f"  {s:<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}{tag}")
+    m = r["concept_recovery"].get("mean_over_client_styles")
+    if m:
+        cells = [f"{m[k]['recognised_as_target_style']:.2f} / {m[k]['class_accuracy']:.2f}"
+                 for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")]  # fmt: skip
+        print(f"  {'mean':<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}  (client styles)")
     print(f"written to {a.output}/ldm_report.json ({r['seconds']} s)")
 
 

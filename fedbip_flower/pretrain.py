@@ -192,10 +192,15 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def captions(labels: np.ndarray, styles: np.ndarray) -> list[str]:
+def captions(labels: np.ndarray, styles: np.ndarray, seed: int = 0, describe: float = 0.5) -> list[str]:
+    """One caption per image: ``"a {style} style of a {class}"`` where {style} is the style's
+    name or, with probability ``describe``, its factor words (``shapes.describe``), so the
+    model learns both what the names mean and how the factors compose."""
+    rng = np.random.default_rng([seed, 7])
+    use_words = rng.random(len(labels)) < describe
     return [
-        PROMPT.format(style=shapes.STYLES[s], cls=shapes.CLASSES[c])
-        for c, s in zip(labels, styles, strict=True)
+        PROMPT.format(style=shapes.describe(shapes.STYLES[s]) if w else shapes.STYLES[s], cls=shapes.CLASSES[c])
+        for c, s, w in zip(labels, styles, use_words, strict=True)
     ]
 
 
@@ -223,11 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
-    p.add_argument("--per-class", type=int, default=300, help="images per class and style")
+    p.add_argument("--per-class", type=int, default=70, help="images per class and style")
+    p.add_argument("--describe", type=float, default=0.5,
+                   help="share of captions naming the style by its factor words instead of its name")
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae-batch", type=int, default=48)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=5500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(a.seed)
     t0 = time.time()
 
-    log.info("rendering %d pretraining images", a.per_class * 80)
+    log.info("rendering %d pretraining images", a.per_class * len(shapes.CLASSES) * len(shapes.PRETRAIN_STYLES))
     imgs, labels, styles = shapes.render_array(
         shapes.PRETRAIN_STYLES, a.per_class, seed=a.seed + 1000, resolution=a.resolution
     )
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     vae.register_to_config(scaling_factor=scale)
     log.info("VAE done in %.0f s; latent scaling factor %.4f", time.time() - t0, scale)
 
-    caps = captions(labels, styles)
+    caps = captions(labels, styles, a.seed, a.describe)
     ids_all = tokenizer(caps, padding="max_length", truncation=True, return_tensors="pt")
     ids_all = ids_all.input_ids
     empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
@@ -294,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: str(v) for k, v in vars(a).items()},
         "pretraining_styles": list(shapes.PRETRAIN_STYLES),
         "heldout_styles": list(shapes.HELDOUT_STYLES),
+        "control_styles": list(shapes.CONTROL_STYLES),
+        "style_factors": {k: list(v) for k, v in shapes.STYLE_FACTORS.items()},
         "classes": list(shapes.CLASSES),
         "prompt_template": PROMPT,
         "resolution": a.resolution,

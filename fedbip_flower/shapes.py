@@ -29,18 +29,6 @@ CLASSES: tuple[str, ...] = (
     "hexagon",
     "heart",
 )
-PRETRAIN_STYLES: tuple[str, ...] = (
-    "photo",
-    "cartoon",
-    "sketch",
-    "painting",
-    "neon",
-    "blueprint",
-    "pixel art",
-    "woodcut",
-)
-HELDOUT_STYLES: tuple[str, ...] = ("medical", "satellite", "thermal", "chalkboard")
-STYLES: tuple[str, ...] = PRETRAIN_STYLES + HELDOUT_STYLES
 SUPPORTED_RESOLUTIONS = (32, 64)
 _SUPERSAMPLE = 4
 
@@ -150,150 +138,198 @@ def _grid(res: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+# ----------------------------------------------------------------------------- factors
+# A style is one value of each of four independent rendering factors. Each factor value has
+# a one-word description; pretraining captions use either the style's name or these words.
+PALETTES: tuple[str, ...] = ("colorful", "grayscale", "inferno", "earthy", "emerald", "sepia", "violet")
+BACKGROUNDS: tuple[str, ...] = ("plain", "cloudy", "patchwork", "vignette", "grid", "stripes")
+DRAWINGS: tuple[str, ...] = ("filled", "outlined", "glowing", "hatched", "shadowed")
+DEGRADATIONS: tuple[str, ...] = ("crisp", "speckled", "blurry", "pixelated", "grainy")
+FACTORS: dict[str, tuple[str, ...]] = {
+    "palette": PALETTES, "background": BACKGROUNDS, "drawing": DRAWINGS, "degradation": DEGRADATIONS,
+}  # fmt: skip
+#: Factor values the pretraining styles never use: a style with one is out of the LDM's reach.
+UNSEEN_VALUES: frozenset[str] = frozenset({"violet"})
+
+
+def _background(name: str, rng: np.random.Generator, res: int) -> np.ndarray:
+    """A scalar background field in [0, 1]."""
+    x, y = _grid(res)
+    if name == "plain":
+        return 0.5 + 0.04 * _smooth_noise(rng, res, 8)[..., 0]
+    if name == "cloudy":
+        return _smooth_noise(rng, res, 4)[..., 0]
+    if name == "patchwork":
+        fields = (_smooth_noise(rng, res, 5)[..., 0] > 0.5).astype(np.float32)
+        return 0.2 + 0.6 * fields + 0.15 * rng.random((res, res)).astype(np.float32)
+    if name == "vignette":
+        v = np.clip(1.0 - 1.4 * np.hypot(x - 0.5, y - 0.5), 0, 1)
+        return 0.75 * v + 0.25 * _smooth_noise(rng, res, 6)[..., 0]
+    if name == "grid":
+        step = 8 / res
+        off = rng.integers(0, 8) / res
+        lines = (np.mod(x + off, step) < 1.0 / res) | (np.mod(y + off, step) < 1.0 / res)
+        return 0.2 + 0.75 * lines.astype(np.float32)
+    if name == "stripes":
+        warp = 0.6 * _smooth_noise(rng, res, 4)[..., 0]
+        return 0.5 + 0.45 * np.sin(2 * math.pi * (y * rng.uniform(5, 7) + warp))
+    raise ValueError(f"unknown background {name!r}")
+
+
+def _drawing(name, rng, m, e, light, res):
+    """How the shape is drawn: ink coverage a, ink intensity f (both [0, 1]), cast shadow."""
+    x, y = _grid(res)
+    zero = np.zeros_like(m)
+    if name == "filled":
+        lx, ly = light + rng.uniform(-0.2, 0.2, 2)
+        shade = np.clip(1.15 - 1.2 * np.hypot(x - lx + 0.15, y - ly + 0.15), 0.4, 1.0)
+        return m, shade, zero
+    if name == "outlined":
+        return e, np.ones_like(m), zero
+    if name == "glowing":
+        return np.clip(_blur(m, res / 18) * 1.25, 0, 1), np.ones_like(m), zero
+    if name == "hatched":
+        period = rng.uniform(0.11, 0.15)
+        ang = rng.uniform(0, math.pi)
+        lines = (np.sin(2 * math.pi * (x * math.cos(ang) + y * math.sin(ang)) / period) > 0.2)
+        return np.clip(m * lines + e, 0, 1), np.ones_like(m), zero
+    if name == "shadowed":
+        d = res // 12 + 1
+        shadow = np.roll(_blur(m, res / 40), (d, d), (0, 1)) * (1 - m)
+        return m, 0.85 + 0.15 * _smooth_noise(rng, res, 12)[..., 0], shadow
+    raise ValueError(f"unknown drawing {name!r}")
+
+
+def _colormap(stops: list[tuple[float, ...]], t: np.ndarray) -> np.ndarray:
+    c = np.asarray(stops, np.float32)
+    pos = np.clip(t, 0, 1) * (len(c) - 1)
+    i = np.minimum(pos.astype(int), len(c) - 2)
+    w = (pos - i)[..., None]
+    return c[i] * (1 - w) + c[i + 1] * w
+
+
+_INFERNO = [(0.0, 0.0, 0.02), (0.34, 0.06, 0.43), (0.73, 0.21, 0.33), (0.98, 0.55, 0.04), (0.99, 1.0, 0.64)]
+_VIOLET = [(0.05, 0.0, 0.12), (0.35, 0.05, 0.6), (0.75, 0.2, 0.9), (0.3, 0.95, 0.95)]
+
+
+def _palette(name, rng, b, a, f, shadow, res):
+    """Map background field, ink coverage/intensity and shadow to RGB in [0, 1]."""
+    lb = b * (1 - 0.55 * shadow)
+    if name in ("grayscale", "inferno", "violet"):
+        lum = (0.06 + 0.34 * lb) * (1 - a) + a * (0.55 + 0.45 * f) * rng.uniform(0.85, 1.0)
+        if name == "grayscale":
+            return np.repeat(lum[..., None], 3, -1)
+        return _colormap(_INFERNO if name == "inferno" else _VIOLET, lum)
+    if name == "colorful":
+        bg = _hsv(rng, (0.1, 0.35), (0.6, 0.9)) * (0.7 + 0.3 * lb[..., None])
+        fg = _hsv(rng, (0.7, 1.0), (0.75, 1.0)) * (0.7 + 0.3 * f[..., None])
+    elif name == "earthy":
+        green, brown = np.array([0.25, 0.4, 0.18], np.float32), np.array([0.5, 0.38, 0.22], np.float32)
+        bg = _mix(np.broadcast_to(green, (res, res, 3)), brown, b) * (1 - 0.55 * shadow[..., None])
+        fg = np.array([0.66, 0.66, 0.63], np.float32) * rng.uniform(0.85, 1.1) * (0.8 + 0.2 * f[..., None])
+    elif name == "emerald":
+        bg = np.array([0.1, 0.24, 0.16], np.float32) * rng.uniform(0.85, 1.15) * (0.7 + 0.6 * lb[..., None])
+        fg = np.array([0.92, 0.94, 0.9], np.float32) * (0.85 + 0.15 * f[..., None])
+    elif name == "sepia":
+        bg = np.array([0.93, 0.86, 0.7], np.float32) * rng.uniform(0.92, 1.03) * (0.85 + 0.15 * lb[..., None])
+        fg = np.array([0.22, 0.13, 0.07], np.float32) * (1.3 - 0.3 * f[..., None])
+    else:
+        raise ValueError(f"unknown palette {name!r}")
+    return _mix(bg, fg, a)
+
+
+def _degrade(name: str, rng: np.random.Generator, img: np.ndarray, res: int) -> np.ndarray:
+    if name == "crisp":
+        return img
+    if name == "speckled":
+        n = rng.standard_normal((res, res, 1)).astype(np.float32)
+        return img * (1 + 0.16 * n) + 0.02 * rng.standard_normal((res, res, 1))
+    if name == "blurry":
+        return _blur(img, res / 32)
+    if name == "pixelated":
+        k = max(2, res // 16)
+        small = img.reshape(res // k, k, res // k, k, 3).mean((1, 3))
+        return np.repeat(np.repeat(small, k, 0), k, 1)
+    if name == "grainy":
+        drop = rng.random((res, res, 1)) < 0.3
+        return np.where(drop, img * 0.55 + 0.1, img)
+    raise ValueError(f"unknown degradation {name!r}")
+
+
 # ----------------------------------------------------------------------------- styles
-def _photo(rng, m, e, light, res):
-    x, y = _grid(res)
-    bg = _hsv(rng, (0.1, 0.4), (0.35, 0.8)) * (0.7 + 0.3 * _smooth_noise(rng, res, 6, 3))
-    bg = bg + 0.06 * (rng.random((res, res, 1)) - 0.5)
-    shadow = np.roll(_blur(m, res / 24), (res // 16, res // 16), (0, 1))
-    bg = bg * (1 - 0.45 * shadow[..., None])
-    lx, ly = light + rng.uniform(-0.2, 0.2, 2)
-    shade = np.clip(1.15 - 1.2 * np.hypot(x - lx + 0.15, y - ly + 0.15), 0.35, 1.2)
-    fg = _hsv(rng, (0.5, 0.9), (0.6, 1.0)) * shade[..., None]
-    return _mix(bg, fg, m)
-
-
-def _cartoon(rng, m, e, light, res):
-    bg = np.broadcast_to(_hsv(rng, (0.1, 0.3), (0.85, 1.0)), (res, res, 3))
-    fg = _hsv(rng, (0.7, 1.0), (0.8, 1.0))
-    return _mix(_mix(bg, fg, m), np.zeros(3, np.float32), e)
-
-
-def _sketch(rng, m, e, light, res):
-    x, y = _grid(res)
-    paper = 0.93 + 0.05 * _smooth_noise(rng, res, 8)[..., 0]
-    period = rng.uniform(0.09, 0.14)
-    hatch = (np.sin(2 * math.pi * (x + y) / period + rng.uniform(0, 6)) > 0.6) * 0.35
-    jitter = np.clip(e * rng.uniform(0.6, 1.0, (res, res)), 0, 1)
-    ink = np.clip(jitter * 0.8 + hatch * m, 0, 1)
-    return np.repeat(((paper * (1 - ink)) + 0.15 * ink)[..., None], 3, -1)
-
-
-def _painting(rng, m, e, light, res):
-    bg = _smooth_noise(rng, res, 4, 3) * 0.3 + _hsv(rng, (0.3, 0.6), (0.25, 0.5)) * 0.7
-    fg = _hsv(rng, (0.6, 1.0), (0.75, 1.0)) * (0.85 + 0.25 * _smooth_noise(rng, res, 10, 3))
-    img = _mix(bg, fg, _blur(m, res / 40))
-    strokes = _smooth_noise(rng, res, 16, 3) - 0.5
-    return _blur(img, res / 48) + 0.08 * strokes
-
-
-def _neon(rng, m, e, light, res):
-    col = _hsv(rng, (0.6, 1.0), (0.95, 1.0))
-    glow = _blur(e, res / 16) * 1.8
-    bg = np.full((res, res, 3), 0.04, np.float32) + 0.03 * _smooth_noise(rng, res, 4, 3)
-    img = bg + col * np.clip(glow, 0, 1)[..., None] * 0.8
-    return _mix(img, np.clip(col * 0.4 + 0.75, 0, 1), e)
-
-
-def _blueprint(rng, m, e, light, res):
-    x, y = _grid(res)
-    base = np.array([0.08, 0.22, 0.55], np.float32) * rng.uniform(0.8, 1.15)
-    step = 8 / res
-    grid = ((np.mod(x, step) < 1.0 / res) | (np.mod(y, step) < 1.0 / res)) * 0.25
-    img = base + grid[..., None] * np.array([0.6, 0.7, 0.9], np.float32)
-    img = img + 0.1 * m[..., None] * np.array([0.3, 0.4, 0.6], np.float32)
-    return _mix(img, np.array([0.92, 0.95, 1.0], np.float32), e)
-
-
-def _pixel_art(rng, m, e, light, res):
-    block = max(2, res // 16)
-    small = m[::block, ::block] + 0.0
-    small = np.round(np.clip(small * 1.3, 0, 1))
-    blocky = np.kron(small, np.ones((block, block), np.float32))[:res, :res]
-    palette = [_hsv(rng, (0.8, 1.0), (0.8, 1.0)) for _ in range(2)]
-    bg = np.broadcast_to(_hsv(rng, (0.4, 0.8), (0.2, 0.45)), (res, res, 3))
-    checker = (np.add.outer(np.arange(res) // block, np.arange(res) // block) % 2)[..., None]
-    fg = np.where(checker > 0, palette[0], palette[0] * 0.8 + palette[1] * 0.2)
-    return _mix(bg, fg, blocky)
-
-
-def _woodcut(rng, m, e, light, res):
-    x, y = _grid(res)
-    paper = np.array([0.92, 0.86, 0.72], np.float32) * rng.uniform(0.9, 1.05)
-    grain = 0.05 * np.sin(2 * math.pi * (y * 9 + 0.6 * _smooth_noise(rng, res, 4)[..., 0]))
-    period = rng.uniform(0.12, 0.18)
-    carve = (np.sin(2 * math.pi * y / period + rng.uniform(0, 6)) > 0.55).astype(np.float32)
-    ink = np.clip(m * (1 - carve * 0.85), 0, 1)
-    img = paper + grain[..., None]
-    return _mix(img, np.array([0.1, 0.08, 0.06], np.float32), ink)
-
-
-def _medical(rng, m, e, light, res):
-    x, y = _grid(res)
-    vignette = np.clip(1.0 - 1.3 * np.hypot(x - 0.5, y - 0.5), 0, 1)
-    base = rng.uniform(0.18, 0.3) + 0.18 * vignette + 0.06 * _smooth_noise(rng, res, 6)[..., 0]
-    lesion = _blur(m, res / 40) * rng.uniform(0.22, 0.3)
-    img = base + lesion
-    img = img * (1 + 0.12 * rng.standard_normal((res, res))) + 0.02 * rng.standard_normal(
-        (res, res)
-    )
-    return np.repeat(img[..., None], 3, -1)
-
-
-def _satellite(rng, m, e, light, res):
-    fields = _smooth_noise(rng, res, 5, 1)[..., 0]
-    green = np.array([0.25, 0.4, 0.18], np.float32)
-    brown = np.array([0.45, 0.36, 0.22], np.float32)
-    land = _mix(np.broadcast_to(green, (res, res, 3)), brown, (fields > 0.5).astype(np.float32))
-    land = land * (0.8 + 0.3 * rng.random((res, res, 1)))
-    shadow = np.roll(m, (res // 24 + 1, res // 24 + 1), (0, 1)) * (1 - m)
-    land = land * (1 - 0.5 * shadow[..., None])
-    roof = np.array([0.62, 0.62, 0.6], np.float32) * rng.uniform(0.8, 1.1)
-    roof = roof * (0.9 + 0.15 * _smooth_noise(rng, res, 12, 1))
-    return _mix(land, roof, m)
-
-
-def _thermal(rng, m, e, light, res):
-    heat = 0.25 * _smooth_noise(rng, res, 4)[..., 0] + 0.75 * _blur(m, res / 14) * rng.uniform(
-        0.8, 1.0
-    )
-    heat = np.clip(heat + 0.03 * rng.standard_normal((res, res)), 0, 1)
-    # inferno-like colormap: black -> purple -> orange -> yellow
-    r = np.clip(1.6 * heat, 0, 1)
-    g = np.clip(1.8 * heat - 0.7, 0, 1)
-    b = np.clip(0.7 * np.sin(math.pi * heat * 1.2) + 0.1, 0, 1) * (1 - g * 0.5)
-    return np.stack([r, g, b], -1)
-
-
-def _chalkboard(rng, m, e, light, res):
-    board = np.array([0.12, 0.25, 0.18], np.float32) * rng.uniform(0.85, 1.15)
-    smudge = 0.08 * _smooth_noise(rng, res, 6, 1)
-    chalk = np.clip(e * (0.55 + 0.45 * rng.random((res, res))), 0, 1)
-    img = board + smudge + 0.04 * m[..., None]
-    return _mix(img, np.array([0.9, 0.92, 0.88], np.float32), chalk)
-
-
-_STYLE_FNS = {
-    "photo": _photo,
-    "cartoon": _cartoon,
-    "sketch": _sketch,
-    "painting": _painting,
-    "neon": _neon,
-    "blueprint": _blueprint,
-    "pixel art": _pixel_art,
-    "woodcut": _woodcut,
-    "medical": _medical,
-    "satellite": _satellite,
-    "thermal": _thermal,
-    "chalkboard": _chalkboard,
+#: Named styles: (palette, background, drawing, degradation).
+STYLE_FACTORS: dict[str, tuple[str, str, str, str]] = {
+    # pretraining styles (the bundled LDM's captions use these names and factor words)
+    "photo": ("colorful", "cloudy", "outlined", "blurry"),
+    "cartoon": ("colorful", "plain", "filled", "pixelated"),
+    "neon": ("colorful", "plain", "glowing", "pixelated"),
+    "poster": ("colorful", "stripes", "hatched", "crisp"),
+    "watercolor": ("colorful", "vignette", "glowing", "blurry"),
+    "painting": ("earthy", "cloudy", "shadowed", "blurry"),
+    "mosaic": ("earthy", "grid", "filled", "pixelated"),
+    "tapestry": ("earthy", "grid", "shadowed", "speckled"),
+    "fresco": ("earthy", "patchwork", "glowing", "blurry"),
+    "embroidery": ("earthy", "patchwork", "outlined", "grainy"),
+    "woodcut": ("earthy", "stripes", "hatched", "pixelated"),
+    "ceramic": ("earthy", "vignette", "shadowed", "speckled"),
+    "lantern": ("emerald", "cloudy", "glowing", "speckled"),
+    "stencil": ("emerald", "cloudy", "shadowed", "pixelated"),
+    "circuit": ("emerald", "patchwork", "outlined", "pixelated"),
+    "felt": ("emerald", "patchwork", "shadowed", "grainy"),
+    "engraving": ("emerald", "stripes", "hatched", "grainy"),
+    "etching": ("emerald", "vignette", "outlined", "speckled"),
+    "velvet": ("emerald", "vignette", "shadowed", "grainy"),
+    "charcoal": ("grayscale", "cloudy", "glowing", "grainy"),
+    "newsprint": ("grayscale", "patchwork", "glowing", "pixelated"),
+    "photocopy": ("grayscale", "patchwork", "shadowed", "speckled"),
+    "pencil": ("grayscale", "plain", "outlined", "speckled"),
+    "silver print": ("grayscale", "vignette", "outlined", "grainy"),
+    "film noir": ("grayscale", "vignette", "shadowed", "pixelated"),
+    "lava": ("inferno", "cloudy", "hatched", "grainy"),
+    "arcade": ("inferno", "cloudy", "outlined", "pixelated"),
+    "plasma": ("inferno", "grid", "glowing", "speckled"),
+    "sunset": ("inferno", "plain", "hatched", "blurry"),
+    "ember": ("inferno", "stripes", "filled", "blurry"),
+    "firework": ("inferno", "vignette", "glowing", "crisp"),
+    "blueprint": ("sepia", "grid", "filled", "crisp"),
+    "map": ("sepia", "grid", "glowing", "grainy"),
+    "sketch": ("sepia", "grid", "outlined", "crisp"),
+    "ink": ("sepia", "plain", "filled", "crisp"),
+    "linocut": ("sepia", "stripes", "filled", "crisp"),
+    # client styles: combinations of pretraining factor values never seen together
+    "medical": ("grayscale", "vignette", "glowing", "speckled"),
+    "satellite": ("earthy", "patchwork", "shadowed", "pixelated"),
+    "thermal": ("inferno", "cloudy", "glowing", "blurry"),
+    "chalkboard": ("emerald", "cloudy", "outlined", "grainy"),
+    # out-of-reach control: a palette no pretraining style uses
+    "ultraviolet": ("violet", "cloudy", "filled", "crisp"),
 }
-assert set(_STYLE_FNS) == set(STYLES)
+HELDOUT_STYLES: tuple[str, ...] = ("medical", "satellite", "thermal", "chalkboard")
+CONTROL_STYLES: tuple[str, ...] = ("ultraviolet",)
+PRETRAIN_STYLES: tuple[str, ...] = tuple(
+    s for s in STYLE_FACTORS if s not in HELDOUT_STYLES and s not in CONTROL_STYLES
+)
+STYLES: tuple[str, ...] = tuple(STYLE_FACTORS)
+
+
+def describe(style: str) -> str:
+    """The style's factor words, e.g. ``"grayscale vignette glowing speckled"``."""
+    if style not in STYLE_FACTORS:
+        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    return " ".join(STYLE_FACTORS[style])
+
+
+def _render_style(style, rng, m, e, light, res):
+    pal, bgn, drw, deg = STYLE_FACTORS[style]
+    b = _background(bgn, rng, res)
+    a, f, shadow = _drawing(drw, rng, m, e, light, res)
+    return _degrade(deg, rng, _palette(pal, rng, b, a, f, shadow, res), res)
 
 
 # ----------------------------------------------------------------------------- API
 def render_sample(style: str, cls: str, index: int, seed: int = 0, resolution: int = 32):
     """Render one sample as an HxWx3 uint8 array; a pure function of its arguments."""
-    if style not in _STYLE_FNS:
+    if style not in STYLE_FACTORS:
         raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
     if cls not in CLASSES:
         raise ValueError(f"unknown class {cls!r}; known: {', '.join(CLASSES)}")
@@ -302,7 +338,7 @@ def render_sample(style: str, cls: str, index: int, seed: int = 0, resolution: i
     key = [seed, STYLES.index(style), CLASSES.index(cls), index]
     rng = np.random.default_rng(key)
     m, e, light = _render_mask(cls, resolution, rng)
-    img = _STYLE_FNS[style](rng, m, e, light, resolution)
+    img = _render_style(style, rng, m, e, light, resolution)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 

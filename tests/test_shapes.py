@@ -22,19 +22,59 @@ def test_sample_is_a_pure_function_of_its_key():
 
 
 def test_styles_and_classes_meet_the_spec():
-    assert len(shapes.CLASSES) >= 10 and len(shapes.STYLES) >= 10
-    assert len(shapes.HELDOUT_STYLES) >= 4
-    assert {"medical", "satellite"} <= set(shapes.HELDOUT_STYLES)
+    assert len(shapes.CLASSES) >= 10 and len(shapes.PRETRAIN_STYLES) >= 24
+    assert set(shapes.HELDOUT_STYLES) >= {"medical", "satellite", "thermal", "chalkboard"}
     assert not set(shapes.HELDOUT_STYLES) & set(shapes.PRETRAIN_STYLES)
+    assert shapes.CONTROL_STYLES and not set(shapes.CONTROL_STYLES) & set(shapes.PRETRAIN_STYLES)
     med = shapes.render_sample("medical", "circle", 0).astype(int)
     assert (med[..., 0] == med[..., 1]).all() and (med[..., 1] == med[..., 2]).all()  # grayscale
 
 
+def test_styles_are_distinct_factor_combinations():
+    combos = [shapes.STYLE_FACTORS[s] for s in shapes.STYLES]
+    assert len(set(combos)) == len(combos)
+    assert len(shapes.FACTORS) >= 4 and all(len(v) >= 3 for v in shapes.FACTORS.values())
+    for combo in combos:
+        assert all(val in vals for val, vals in zip(combo, shapes.FACTORS.values(), strict=True))
+    seen = [set(shapes.STYLE_FACTORS[s][i] for s in shapes.PRETRAIN_STYLES) for i in range(len(shapes.FACTORS))]
+    # every factor value but the unseen ones occurs in several pretraining styles
+    for i, vals in enumerate(shapes.FACTORS.values()):
+        for val in vals:
+            n = sum(shapes.STYLE_FACTORS[s][i] == val for s in shapes.PRETRAIN_STYLES)
+            assert (n == 0) == (val in shapes.UNSEEN_VALUES), (val, n)
+            assert n == 0 or n >= 3, (val, n)
+    pretrain = {shapes.STYLE_FACTORS[s] for s in shapes.PRETRAIN_STYLES}
+    for s in shapes.HELDOUT_STYLES:  # every value seen in pretraining, never all together
+        combo = shapes.STYLE_FACTORS[s]
+        assert combo not in pretrain and all(v in seen[i] for i, v in enumerate(combo))
+    for s in shapes.CONTROL_STYLES:  # out of reach: a value no pretraining style has
+        assert any(v not in seen[i] for i, v in enumerate(shapes.STYLE_FACTORS[s]))
+    assert shapes.describe("medical") == " ".join(shapes.STYLE_FACTORS["medical"])
+
+
+def test_client_style_names_never_occur_in_pretraining_captions():
+    from fedbip_flower.pretrain import captions
+
+    n = len(shapes.PRETRAIN_STYLES)
+    labels = np.arange(200) % len(shapes.CLASSES)
+    styles = np.array([shapes.STYLES.index(shapes.PRETRAIN_STYLES[i % n]) for i in range(200)])
+    caps = captions(labels, styles, seed=0)
+    assert any(shapes.describe(shapes.PRETRAIN_STYLES[0]) in c for c in caps)  # factor words are used
+    assert any(f" {shapes.PRETRAIN_STYLES[0]} style" in c for c in caps)  # and names
+    vocab = " ".join(caps + [shapes.describe(s) for s in shapes.PRETRAIN_STYLES] + list(shapes.PRETRAIN_STYLES))
+    for name in shapes.HELDOUT_STYLES + shapes.CONTROL_STYLES:
+        assert name not in vocab
+
+
 def test_styles_differ_from_each_other():
-    means = {s: shapes.render_array([s], 3)[0].reshape(-1, 3).mean(0) for s in shapes.STYLES}
-    vals = np.stack(list(means.values()))
+    # mean colour and pixel statistics separate every pair of styles
+    def stats(s):
+        x = shapes.render_array([s], 3)[0].astype(float) / 255
+        return np.concatenate([x.reshape(-1, 3).mean(0), x.reshape(-1, 3).std(0), [np.abs(np.diff(x, axis=1)).mean()]])
+
+    vals = np.stack([stats(s) for s in shapes.STYLES])
     dists = np.linalg.norm(vals[:, None] - vals[None], axis=-1)
-    assert (dists + np.eye(len(vals)) * 1e3).min() > 1.0
+    assert (dists + np.eye(len(vals)) * 1e3).min() > 0.005
 
 
 def test_dataset_is_balanced_and_shaped_like_real_datasets():

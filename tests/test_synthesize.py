@@ -91,3 +91,19 @@ def test_short_last_batch_joins_the_one_before():
         sizes = [j - i for i, j in b]
         assert b[0][0] == 0 and b[-1][1] == n and all(x[1] == y[0] for x, y in zip(b, b[1:]))
         assert n <= 64 or min(sizes) >= 16, (n, sizes)
+
+
+def test_classifier_step_budget_is_the_same_for_every_set_size():
+    from fedbip_flower.classifier import train_classifier
+    from fedbip_flower.config import ClassifierConfig
+
+    cfg = ClassifierConfig(steps=7, batch_size=8, epochs=1, augment=False)
+    gen = torch.Generator().manual_seed(0)
+    for n in (12, 40, 100):  # 2, 5 and 13 batches per epoch
+        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        y = torch.arange(n) % 3
+        _, stats = train_classifier(x, y, 3, cfg, 0, torch.device("cpu"), progress=False)
+        assert stats["sgd-steps"] == 7
+    _, stats = train_classifier(x, y, 3, ClassifierConfig(epochs=2, batch_size=8, augment=False), 0,
+                                torch.device("cpu"), progress=False)  # fmt: skip
+    assert stats["sgd-steps"] == 2 * 13  # no budget: epochs x batches

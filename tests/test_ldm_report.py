@@ -1,0 +1,31 @@
+"""Concept recovery in the LDM report: a smoke run on the tiny test model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedbip_flower import shapes
+from fedbip_flower.config import ClientConfig, ServerConfig
+from fedbip_flower.ldm_report import concept_recovery, train_judges
+
+
+def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_components, tmp_path):
+    judges = train_judges(0, torch.device("cpu"), per_class=1, epochs=1)
+    assert 0.0 <= judges.class_ceiling <= 1.0 and 0.0 <= judges.style_ceiling <= 1.0
+    client = ClientConfig(steps=2, batch_size=8)
+    sample_cfg = ServerConfig(inference_steps=2, batch_size=32)
+    grid = tmp_path / "grid.png"
+    res = concept_recovery(tiny_components, ["medical", "ultraviolet"], judges, client, sample_cfg, seed=0,
+                           shots=2, grid=grid)  # fmt: skip
+    assert grid.is_file()
+    assert res["medical"]["out_of_reach"] is False and res["ultraviolet"]["out_of_reach"] is True
+    assert res["medical"]["factors"]["palette"] == "grayscale"
+    for style in ("medical", "ultraviolet"):
+        for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt"):
+            v = res[style][kind]
+            assert 0.0 <= v["recognised_as_target_style"] <= 1.0 and 0.0 <= v["class_accuracy"] <= 1.0
+            assert v["most_common_verdict"] in shapes.STYLES
+    # the mean covers the reachable client styles only
+    mean = res["mean_over_client_styles"]["learned_concepts"]
+    assert np.isclose(mean["class_accuracy"], res["medical"]["learned_concepts"]["class_accuracy"])
