@@ -337,7 +337,8 @@ def print_summary(results: dict) -> int:
     print(f"{'node':>22}  {'domain':<12} {'status':<9} {'accuracy':>8}  {'upload':>10}")
     for c in results["clients"]:
         acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.4f}"
-        print(f"{c['node_id']:>22}  {c['domain'][:40]:<12} {c['status']:<9} {acc:>8}  {c['upload_bytes']:>8} B")
+        domain = "".join(ch if ch.isprintable() else "?" for ch in str(c["domain"])[:40])
+        print(f"{c['node_id']:>22}  {domain:<12} {c['status']:<9} {acc:>8}  {c['upload_bytes']:>8} B")
     if results.get("mean_accuracy") is not None:
         print(f"mean accuracy: {results['mean_accuracy']:.4f} (accepted sites)")
     if results.get("rejected_mean_accuracy") is not None:

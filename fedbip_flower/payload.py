@@ -119,10 +119,14 @@ def _unprintable(text: str) -> bool:
 
 
 def safe_text(value: object, max_bytes: int = 300) -> str:
-    """``value`` as one printable log line: control characters escaped, at most ``max_bytes``
-    UTF-8 bytes (cut on a character boundary, marked with ``...``)."""
+    """``value`` as one printable log line: control, format (e.g. bidi overrides) and surrogate
+    characters escaped, at most ``max_bytes`` UTF-8 bytes (cut on a character boundary,
+    marked with ``...``)."""
     text = value if isinstance(value, str) else repr(value)
-    text = "".join(ch if unicodedata.category(ch) not in ("Cc", "Cs") else repr(ch)[1:-1] for ch in text)
+    text = "".join(
+        ch if unicodedata.category(ch) not in ("Cc", "Cf", "Cs") else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
     raw = text.encode("utf-8", "replace")
     if len(raw) <= max_bytes:
         return text
@@ -267,7 +271,7 @@ def validate_reply(content: RecordDict, exp: Expected) -> ClientPayload:
             prompt_layout(exp.tokenizer, payload)
         except Exception as err:  # whatever the tokenizer makes of hostile text
             raise PayloadError(f"the prompts cannot be laid out with the server's tokenizer: "
-                               f"{type(err).__name__}: {safe_text(str(err), 200)}") from err  # fmt: skip
+                               f"{type(err).__name__}: {safe_text(str(err), 400)}") from err  # fmt: skip
     return payload
 
 
