@@ -1,0 +1,114 @@
+"""A stop always completes: no process outlives its launcher, no CLI call blocks forever."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedbip_flower import deploy, launch
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+
+# A leader that starts a grandchild detached into its own session (as Flower does with its
+# SuperExec), prints both pids, and sleeps.
+FAMILY = (
+    "import subprocess, sys, time\n"
+    "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+    "print('grandchild', g.pid, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.time() + within
+    while time.time() < deadline:
+        if not launch.is_alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _grandchild(log: Path) -> int:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        text = log.read_text() if log.exists() else ""
+        if "grandchild" in text:
+            return int(text.split()[1])
+        time.sleep(0.1)
+    raise AssertionError("the family did not start")
+
+
+def _fake_flwr(tmp_path: Path, body: str) -> Path:
+    exe = tmp_path / "flwr"
+    exe.write_text(f"#!{sys.executable}\nimport sys, time, json\n{body}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return tmp_path
+
+
+def test_a_stop_reaches_children_detached_into_their_own_session(tmp_path):
+    with launch.Processes({}, tmp_path) as procs:
+        leader = procs.start("family", [sys.executable, "-c", FAMILY])
+        grandchild = _grandchild(tmp_path / "family.log")
+    assert leader.poll() is not None and _gone(grandchild, 5)
+
+
+def test_no_process_outlives_a_sigkilled_launcher(tmp_path):
+    owner_code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from fedbip_flower.launch import Processes\n"
+        "procs = Processes({}, Path(sys.argv[1]))\n"
+        "p = procs.start('family', [sys.executable, '-c', sys.argv[2]])\n"
+        "print('leader', p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", owner_code, str(tmp_path), FAMILY], stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    leader = grandchild = 0
+    try:
+        leader = int(owner.stdout.readline().split()[1])
+        grandchild = _grandchild(tmp_path / "family.log")
+        assert launch.is_alive(leader) and launch.is_alive(grandchild)
+        owner.send_signal(signal.SIGKILL)  # no cleanup code of the owner runs
+        owner.wait(timeout=10)
+        assert _gone(leader, 30) and _gone(grandchild, 30), "a process outlived its SIGKILLed owner"
+    finally:
+        owner.kill()
+        for pid in (leader, grandchild):
+            if pid and launch.is_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_flwr_run_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "BIN", _fake_flwr(tmp_path, "time.sleep(600)"))
+    t0 = time.time()
+    with pytest.raises(launch.LaunchError, match="started no run \\(timed out after 2 s\\)"):
+        launch.flwr_run(tmp_path, "c", {}, timeout=2, echo=False)
+    assert time.time() - t0 < 20
+
+
+def test_flwr_run_stops_following_a_stream_at_the_timeout(tmp_path, monkeypatch):
+    body = "print('Successfully started run 42', flush=True); time.sleep(600)"
+    monkeypatch.setattr(launch, "BIN", _fake_flwr(tmp_path, body))
+    t0 = time.time()
+    run_id, text = launch.flwr_run(tmp_path, "c", {}, timeout=2, echo=False)
+    assert run_id == 42 and "Successfully" in text and time.time() - t0 < 20
+
+
+def test_flwr_cli_calls_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(deploy, "BIN", _fake_flwr(tmp_path, "time.sleep(600)"))
+    t0 = time.time()
+    with pytest.raises(deploy.DeployError, match="did not answer in 1 s"):
+        deploy.flwr_cli(["supernode", "ls"], {}, timeout=1)
+    with pytest.raises(deploy.DeployError, match="did not answer"):
+        deploy.wait_online("c", {}, count=1, timeout=2)
+    assert time.time() - t0 < 60
