@@ -1,0 +1,42 @@
+"""Bad site data gets a clear answer at the start: the helper's and the app's defaults fit,
+and a site that cannot give both a training and a test split refuses before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedbip_flower import deploy
+from fedbip_flower.client import SiteDataError, run_train
+from fedbip_flower.config import DataConfig, FedBiPConfig
+from fedbip_flower.data import NodeConfig, load_client_data
+
+
+def test_the_site_data_helper_defaults_fit_the_app_defaults(tmp_path):
+    folder = deploy.write_site(tmp_path / "site-1", deploy.site_style(1))  # the helper's defaults
+    data = load_client_data(DataConfig(), NodeConfig(0, 3, str(folder)), seed=0)  # the app's defaults
+    shots = DataConfig().shots
+    assert len(data.train_labels) == 10 * shots and len(data.test_labels) == 10 * (deploy.SITE_PER_CLASS - shots)
+    assert "16 training + 8 test image(s) per class" in deploy.split_note(deploy.SITE_PER_CLASS)
+    assert deploy.split_note(8).startswith("WARNING") and "--per-class 24" in deploy.split_note(8)
+
+
+def test_make_site_data_warns_when_no_test_split_would_be_left(tmp_path, capsys):
+    assert deploy.main(["make-site-data", str(tmp_path / "s"), "medical", "--per-class", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: with data.shots=16" in out and "no test split" in out
+
+
+def test_a_site_without_a_test_split_refuses_before_personalization(tmp_path, fast_run_config, monkeypatch):
+    from fedbip_flower import client
+
+    folder = deploy.write_site(tmp_path / "site-2", "satellite", per_class=8)
+    monkeypatch.setattr(client, "personalize", lambda *a, **k: pytest.fail("personalization ran"))
+    monkeypatch.setattr(client, "load_components", lambda *a, **k: pytest.fail("the LDM was loaded"))
+    cfg = {**fast_run_config, "data.shots": 16}
+    with pytest.raises(SiteDataError) as info:
+        run_train(FedBiPConfig.from_run_config(cfg).to_run_config(),
+                  {"partition-id": 1, "num-partitions": 3, "data-dir": str(folder)}, progress=False)  # fmt: skip
+    msg = str(info.value)
+    assert "site 'satellite'" in msg and str(folder) in msg
+    assert "80 image(s) in 10 class(es) (8-8 per class) give 80 training and 0 test image(s) with data.shots=16" in msg
+    assert "--per-class 24" in msg and "data.shots=4" in msg
