@@ -4,7 +4,7 @@
 #
 # Usage: quick-try.sh [--num-sites N] [--per-class K] [--run-config "k=v ..."]
 #   --num-sites   sites to start (default 3; styles medical, satellite, thermal, chalkboard)
-#   --per-class   images per class in each generated site folder (default 8)
+#   --per-class   images per class in each generated site folder (default 24: 16 training + 8 test)
 #   --run-config  extra overrides, e.g. "client.steps=20 classifier.epochs=5"
 # Everything goes to $FEDBIP_DEPLOY_DIR/quick-try/ (sites/, outputs/, one folder per role).
 set -euo pipefail
