@@ -222,6 +222,17 @@ class FedBiPStrategy(Strategy):
             return False
         return True
 
+    def _agree_on_image_shape(self) -> None:
+        """One training set needs one image shape (uploads with and without latents can decode
+        to different sizes): clients whose images differ from the majority's are rejected."""
+        shapes = {nid: tuple(x.shape[1:]) for nid, (x, _) in self.synthetic.items()}
+        if not shapes:
+            return
+        common, _ = Counter(shapes.values()).most_common(1)[0]
+        for nid, shape in shapes.items():
+            if shape != common:
+                self._reject(nid, f"its upload synthesizes images of shape {shape}, the others' are {common}")
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         self.timings["clients"] = time.time() - self._t_sent
         self._collect(replies)
@@ -231,6 +242,7 @@ class FedBiPStrategy(Strategy):
         order = sorted(self.accepted, key=lambda n: (self.accepted[n].domain, self._digest(n)))
         for k, nid in enumerate(order):
             self.synthesize(nid, seed=self.cfg.seed * 1000 + k)
+        self._agree_on_image_shape()
         self._require_min_clients("left after synthesis")
         order = [n for n in order if n in self.synthetic]
         self.timings["synthesis"] = time.time() - t0

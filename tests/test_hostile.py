@@ -151,6 +151,23 @@ def test_too_few_uploads_left_after_synthesis_stop_the_run_naming_the_nodes(fast
         _run(tmp_path, fast_run_config, _honest(model, 100, 101))
 
 
+def test_an_upload_that_decodes_to_another_image_size_is_rejected(fast_run_config, tmp_path, model):
+    """Concept-only uploads start from noise at the model's size; a hostile upload with
+    latents at data.resolution's size would decode to other images and break the training set."""
+    cfg = {**fast_run_config, "client.upload-latents": False, "data.resolution": 64}
+    train = {}
+    for nid in (100, 101):
+        p = fuzz.honest_payload(model, seed=nid, domain=DOMAINS[nid % 4])
+        p.latents = p.latents[:0]  # concept level only, as these honest clients are told
+        train[nid] = p.to_record_dict()
+    big = fuzz.Model(model.fingerprint, 4, 32, model.hidden)  # latents for 64 px images
+    train[102] = fuzz.honest_payload(big, seed=102, domain="thermal").to_record_dict()
+    res, log, _ = _run(tmp_path, cfg, train)
+    c = _by_node(res)[102]
+    assert res["status"] == "completed" and res["num_synthetic"] == 12
+    assert c["status"] == "rejected" and "synthesizes images of shape (3, 64, 64)" in c["reason"]
+
+
 # ----------------------------------------------------------------------------- evaluation replies
 def test_unreadable_evaluation_replies_are_ignored_naming_the_node(fast_run_config, tmp_path, model):
     evaluate = {
