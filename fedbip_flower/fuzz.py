@@ -43,6 +43,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 from fedbip_flower.payload import META, METRICS, UPLOAD, ClientPayload
 
 log = logging.getLogger(__name__)
+SKIPPED: Counter = Counter()  # mutations that could not be applied (the record types refused them)
 OUTCOMES = ("accepted", "rejected", "guarded", "synth-failed", "crashed")
 _DTYPES = ("float16", "float32", "float64", "int64", "int32", "int8", "uint8", "bool", "object", "<U3", "complex64")
 _CHARS = (
@@ -283,10 +284,11 @@ def m_array_values(src: Source, rd: RecordDict, model: Model) -> None:
     flat = data.reshape(-1)
     for _ in range(src.integer(1, 4)):
         i = src.integer(0, flat.size - 1)
-        if flat.dtype.kind == "f":
-            flat[i] = src.real()
-        elif flat.dtype.kind in "iu":
-            flat[i] = src.choice([-1, len(model.class_names), 2**62, -(2**62), 0, 1, int(flat[0])])
+        with contextlib.suppress(OverflowError, ValueError):  # a value the dtype cannot hold: skip it
+            if flat.dtype.kind == "f":
+                flat[i] = src.real()
+            elif flat.dtype.kind in "iu":
+                flat[i] = src.choice([-1, len(model.class_names), 2**62, -(2**62), 0, 1, int(flat[0])])
     up[key] = Array(flat.reshape(data.shape))
 
 
@@ -325,7 +327,8 @@ def _plausible(src: Source, key: str, model: Model) -> Any:
     if key == "template":
         kind = src.integer(0, 4)
         if kind == 0:
-            return "a [S] " + " ".join(src.choice(["photo", "zebra", "of", "x"]) for _ in range(src.integer(5, 60))) + " [V]"
+            words = [src.choice(["photo", "zebra", "of", "x"]) for _ in range(src.integer(5, 60))]
+            return "a [S] " + " ".join(words) + " [V]"
         if kind == 1:
             return src.text(30) + "[S]" + src.text(30) + "[V]" + src.text(30)
         if kind == 2:
@@ -420,7 +423,11 @@ def fuzzed_content(src: Source, model: Model, seed: int) -> RecordDict | Error:
     rd = honest_payload(model, seed, n=src.integer(1, 8)).to_record_dict()
     pool = (m_benign,) if src.integer(0, 3) == 0 else (*MUTATIONS, m_benign)
     for _ in range(src.integer(1, 4)):
-        src.choice(pool)(src, rd, model)
+        mutation = src.choice(pool)
+        try:
+            mutation(src, rd, model)
+        except Exception:  # noqa: BLE001 - a mutation the record types refuse: skipped, counted
+            SKIPPED[mutation.__name__] += 1
     return rd
 
 
@@ -635,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fuzzed replies: {res.tried} tried, {c['accepted']} accepted, {c['rejected']} rejected, "
           f"{c['guarded']} caught by the per-client guard, {c['synth-failed']} accepted but not synthesizable, "
           f"{c['crashed']} crashed; evaluation replies: {dict(res.eval_counts)}; "
-          f"{res.full_rounds} full rounds; {res.seconds:.0f} s")  # fmt: skip
+          f"{res.full_rounds} full rounds; {sum(SKIPPED.values())} mutations skipped; {res.seconds:.0f} s")  # fmt: skip
     for outcome in ("crashed", "synth-failed", "guarded"):
         for ex in res.examples.get(outcome, []):
             print(f"  {outcome}: {ex}")

@@ -33,7 +33,7 @@ from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.ldm import load_components
 from fedbip_flower.payload import safe_filename, safe_text
 from fedbip_flower.shapes import image_grid
-from fedbip_flower.strategy import FedBiPError, FedBiPStrategy
+from fedbip_flower.strategy import FedBiPStrategy
 
 log = logging.getLogger(__name__)
 

@@ -13,5 +13,10 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run FedBiP with the run config; any failure propagates so the run is marked failed."""
+    """Run FedBiP with the run config; a failure of the run propagates so it is marked failed.
+
+    A bad client never fails the run (it is rejected, with a reason naming its node); a
+    classifier that no accepted site could score completes with results.json status
+    ``unscored``, which explains why and names the classifier file.
+    """
     run_server(grid, dict(context.run_config), run_id=context.run_id)
