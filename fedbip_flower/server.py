@@ -112,13 +112,14 @@ def results_dict(strategy: FedBiPStrategy, cfg: FedBiPConfig, run_id: Any, statu
 
 def unscored_explanation(strategy: FedBiPStrategy, classifier_path: Path | None) -> str:
     """Why a trained classifier has no score: what each accepted node answered."""
-    why = "; ".join(f"node {r.node_id} ({r.domain or '?'}): {r.evaluation}"
-                    for r in sorted(strategy.clients.values(), key=lambda r: r.node_id)
-                    if r.status == "accepted")  # fmt: skip
+    accepted = sorted((r for r in strategy.clients.values() if r.status == "accepted"), key=lambda r: r.node_id)
+    why = "; ".join(f"node {r.node_id} ({r.domain or '?'}): {r.evaluation}" for r in accepted)
     where = f"it is saved at {classifier_path}" if classifier_path else "it could not be saved"
-    return (f"a classifier was trained on {sum(len(v[1]) for v in strategy.synthetic.values())} synthetic "
-            f"images ({where}), but no accepted site could score it: {why}. A site needs more images "
-            "per class than data.shots to hold a test split.")  # fmt: skip
+    text = (f"a classifier was trained on {sum(len(v[1]) for v in strategy.synthetic.values())} synthetic "
+            f"images ({where}), but no accepted site could score it: {why}.")  # fmt: skip
+    if any(r.evaluation == "no test images" for r in accepted):
+        text += " A site needs more images per class than data.shots to hold a test split."
+    return text
 
 
 def _write_results(run_dir: Path, res: dict) -> None:
