@@ -206,7 +206,7 @@ class FedBiPStrategy(Strategy):
         if good < self.cfg.min_clients:
             reasons = "; ".join(f"node {r.node_id}: {r.reason}" for r in self.clients.values() if r.reason)
             raise FedBiPError(
-                f"only {good} good upload(s) {stage}, min-clients is {self.cfg.min_clients}. {reasons}"
+                f"only {good} good upload(s){stage}, min-clients is {self.cfg.min_clients}. {reasons}"
             )
 
     def synthesize(self, nid: int, seed: int) -> bool:
@@ -237,13 +237,13 @@ class FedBiPStrategy(Strategy):
         self.timings["clients"] = time.time() - self._t_sent
         self._collect(replies)
         log.info("%d of %d upload(s) accepted", len(self.accepted), len(self.clients))
-        self._require_min_clients("accepted")
+        self._require_min_clients("")
         t0 = time.time()
         order = sorted(self.accepted, key=lambda n: (self.accepted[n].domain, self._digest(n)))
         for k, nid in enumerate(order):
             self.synthesize(nid, seed=self.cfg.seed * 1000 + k)
         self._agree_on_image_shape()
-        self._require_min_clients("left after synthesis")
+        self._require_min_clients(" left after synthesis")
         order = [n for n in order if n in self.synthetic]
         self.timings["synthesis"] = time.time() - t0
         x = torch.cat([self.synthetic[n][0] for n in order])
