@@ -4,10 +4,13 @@ The result is a standard ``StableDiffusionPipeline`` folder (CLIPTokenizer with 
 v1 BPE vocabulary, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDIM scheduler,
 safetensors), loadable offline with ``StableDiffusionPipeline.from_pretrained(folder)``.
 
-Only the eight pretraining styles are seen; the held-out styles (medical, satellite,
-thermal, chalkboard) are the client domains FedBiP must personalize the model to. Captions
-follow FedBiP's template ``"a {style} style of a {class}"`` and are dropped (empty prompt)
-with probability ``--caption-dropout`` for classifier-free guidance.
+Only the pretraining styles are seen (``shapes.PRETRAIN_STYLES``); the client styles
+(medical, satellite, thermal, chalkboard) are combinations of their factor values that never
+occur together, under names no caption uses, and the control style has a palette no
+pretraining image has. Captions follow FedBiP's template ``"a {style} style of a {class}"``
+where {style} is the style's name or (``--describe``, half of the captions) its factor words,
+e.g. "a grayscale patchwork glowing pixelated style of a star"; they are dropped (empty
+prompt) with probability ``--caption-dropout`` for classifier-free guidance.
 
 The learning rate is constant after warm-up, so the checkpoint written after step k is the
 model that ``--unet-steps k`` would produce (same seed, same machine).
@@ -23,7 +26,8 @@ gives the same weights as an uninterrupted run.
 Usage (the shipped weights; see the model card for the exact command and its duration)::
 
     python -m fedbip_flower.pretrain --output fedbip_flower/assets/fedbip-ldm-shapes \
-        --seed 0 --per-class 300 --vae-steps 600 --unet-steps 5500
+        --seed 0 --per-class 70 --vae-steps 600 --unet-steps 5500 \
+        --tokenizer fedbip_flower/assets/fedbip-ldm-shapes
 """
 
 from __future__ import annotations

@@ -1,11 +1,21 @@
 """FedBiP-Shapes: a seeded, procedurally rendered multi-domain image benchmark.
 
-Ten object classes (geometric shapes) are drawn with a random position, scale, rotation
-and colour per sample, in twelve rendering styles ("domains"). Eight styles are used to
-pretrain the bundled latent diffusion model; four are held out as the client domains the
-model has never seen (among them a medical-imaging-like and a satellite-like style).
+Ten object classes (geometric shapes) are drawn with a random position, scale, rotation and
+colour per sample. A *style* (a domain) is one value of each of four independent rendering
+factors (``FACTORS``): the palette, the background texture, how the shape is drawn, and a
+degradation. ``STYLE_FACTORS`` names 41 combinations:
 
-Every sample is a pure function of ``(seed, domain, class, index)``, so any subset can be
+- 36 pretraining styles (``PRETRAIN_STYLES``): what the bundled LDM is trained on; every
+  factor value but the control's occurs in several of them;
+- 4 client styles (``HELDOUT_STYLES``: medical, satellite, thermal, chalkboard): each a
+  combination of values that all occur in pretraining but never together, under a name no
+  pretraining caption uses; this is FedBiP's premise (the LDM can draw what the client needs
+  but does not know the client's domain);
+- 1 out-of-reach control (``CONTROL_STYLES``: ultraviolet) with a palette no pretraining
+  style has, to show where personalization stops.
+
+``describe(style)`` gives a style's factor words ("grayscale vignette glowing speckled").
+Every sample is a pure function of ``(seed, style, class, index)``, so any subset can be
 regenerated in any order and the same call always yields the same pixels.
 """
 

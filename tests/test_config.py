@@ -47,7 +47,10 @@ def test_bad_config_names_the_key(key, value, match):
         FedBiPConfig.from_run_config({key: value})
 
 
-def test_readme_documents_every_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [k for k in FedBiPConfig().to_run_config() if f"`{k}`" not in readme]
-    assert not missing, f"README config table lacks {missing}"
+def test_configuration_page_is_generated_and_current():
+    from fedbip_flower.config import config_page
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == config_page(), "regenerate: python -m fedbip_flower.config > docs/configuration.md"
+    missing = [k for k in FedBiPConfig().to_run_config() if f"`{k}`" not in page]
+    assert not missing
