@@ -3,15 +3,12 @@
 A prompt is token ids with ``n_s`` positions for S and ``n_v`` for V. The slots hold the
 natural words' token ids (domain name, class name), so without learned concepts the prompt
 is the plain "a {domain} style of a {class}". Learned vectors replace the slots either at the
-text encoder's input (token embeddings, as in the paper and textual inversion) or at its
-output (as in the authors' code). The frozen text encoder is never modified: the input
-injection is a forward hook on its token-embedding layer.
+text encoder's input or at its output: see :mod:`fedbip_flower.concepts`.
 """
 
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,71 +70,6 @@ def build_layout(
             raise ValueError(f"prompt for class {word!r} is {len(ids)} tokens; the model takes {max_len}")
         rows.append(ids + [pad] * (max_len - len(ids)))
     return PromptLayout(torch.tensor(rows), torch.tensor(s_pos), torch.tensor(v_pos))
-
-
-@contextmanager
-def _input_injection(text_encoder, s_pos, v_pos, s, v):
-    """Overwrite the token embeddings at the slots with s (B, n_s, D) and v (B, n_v, D)."""
-
-    def hook(_module, _inputs, out):
-        out = out.clone()
-        out[:, s_pos] = s.to(out.dtype)
-        out[:, v_pos] = v.to(out.dtype)
-        return out
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def encode(
-    text_encoder, ids: torch.Tensor, layout: PromptLayout, s: torch.Tensor, v: torch.Tensor,
-    injection: str = "input", base: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """Prompt embeddings (B, L, D) for ids (B, L) with S (B, n_s, D) and V (B, n_v, D).
-
-    ``base`` (output injection only) is the cached text-encoder output for ``ids``.
-    """
-    dev = text_encoder.device
-    ids = ids.to(dev)
-    if injection == "input":
-        with _input_injection(text_encoder, layout.s_pos, layout.v_pos, s, v):
-            return text_encoder(ids)[0]
-    if injection != "output":
-        raise ValueError(f"unknown injection {injection!r}")
-    if base is None:
-        with torch.no_grad():
-            base = text_encoder(ids)[0]
-    out = base.clone()
-    out[:, layout.s_pos] = s.to(out.dtype)
-    out[:, layout.v_pos] = v.to(out.dtype)
-    return out
-
-
-@torch.no_grad()
-def init_concepts(
-    text_encoder, layout: PromptLayout, injection: str, mode: str, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial S (n_s, D) and V (C, n_v, D), float32 on CPU.
-
-    ``word``: the natural words' token embeddings (input injection) or the text encoder's
-    outputs at the slots of the natural prompt (output injection). ``random``: Gaussian
-    with the scale of the corresponding word vectors.
-    """
-    ids = layout.ids.to(text_encoder.device)
-    if injection == "input":
-        source = text_encoder.get_input_embeddings()(ids)
-    else:
-        source = text_encoder(ids)[0]
-    source = source.float().cpu()
-    s = source[:, layout.s_pos].mean(0)
-    v = source[:, layout.v_pos]
-    if mode == "random":
-        s = torch.randn(s.shape, generator=generator) * s.std()
-        v = torch.randn(v.shape, generator=generator) * v.std()
-    return s.contiguous(), v.contiguous()
 
 
 @torch.no_grad()

@@ -5,9 +5,10 @@ of the same class (gamma ~ N(0.5, 0.1^2) clipped to [0, 1]) and forward-diffuse 
 late timestep T. A class with a single image has no partner: its latent is noised as it is
 (gamma = 1), which the noise at T already makes hard to invert.
 
-Concept level: optimise only the domain concept S and the class concepts V with the
-diffusion loss of the scheduler's prediction type; the LDM stays frozen. Latents are cached
-and the frozen parts run without weight gradients, so the UNet dominates each step.
+Concept level: optimise only the domain concept S and the class concepts V
+(:class:`~fedbip_flower.concepts.Concepts`) with the diffusion loss of the scheduler's prediction
+type; the LDM stays frozen. Latents are cached and the frozen parts run without weight
+gradients, so the UNet dominates each step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedbip_flower import embeddings
+from fedbip_flower.concepts import Concepts
 from fedbip_flower.config import ClientConfig
 from fedbip_flower.data import ClientData
 from fedbip_flower.ldm import LDMComponents
@@ -88,34 +90,29 @@ def _target(scheduler, z0, eps, t):
 
 
 def train_concepts(
-    components: LDMComponents, z0: torch.Tensor, labels: torch.Tensor,
-    layout: embeddings.PromptLayout, s: torch.Tensor, v: torch.Tensor, cfg: ClientConfig,
-    gen: torch.Generator, classes: torch.Tensor, progress: bool = True, learn_domain: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:  # fmt: skip
-    """Optimise S (n_s, D) and V (K, n_v, D) with the LDM's diffusion loss.
+    components: LDMComponents, z0: torch.Tensor, labels: torch.Tensor, concepts: Concepts,
+    cfg: ClientConfig, gen: torch.Generator, progress: bool = True,
+) -> dict[str, float]:  # fmt: skip
+    """Optimise ``concepts`` (their offsets, in place) with the LDM's diffusion loss.
 
-    ``classes`` (K,) maps rows of V and of ``layout.ids`` to class ids; ``labels`` are
-    class ids. Returns the learned S, V and statistics (first/last loss, seconds/step).
+    ``labels`` are the class ids of ``z0``; each must be one of ``concepts.classes``.
+    Returns statistics (first/last loss, seconds/step).
     """
     dev, dtype = components.device, components.dtype
     sched = components.train_scheduler
-    row_of = {int(c): i for i, c in enumerate(classes.tolist())}
-    rows = torch.tensor([row_of[int(y)] for y in labels])
-    # Optimise in units of the initial vectors' RMS: S = S0 + rms * dS. Token embeddings are
-    # small (RMS ~0.02 in CLIP's input table, ~1 at its output), and Adam's step is about lr
-    # per coordinate whatever the scale, so a raw lr that suits one space wrecks the other
-    # (lr 0.02 on input embeddings moves them by one RMS per step). ``cfg.lr`` is relative.
-    s0, v0 = s.to(dev), v.to(dev)
-    scale = torch.cat([s0.flatten(), v0.flatten()]).pow(2).mean().sqrt().clamp_min(1e-8)
-    ds = torch.zeros_like(s0, requires_grad=learn_domain)
-    dv = torch.zeros_like(v0, requires_grad=True)
-    opt = torch.optim.Adam([ds, dv] if learn_domain else [dv], lr=cfg.lr)
-    base = None
-    if cfg.injection == "output":
-        with torch.no_grad():
-            base = components.text_encoder(layout.ids.to(dev))[0]
+    rows = concepts.rows_for(labels)
+    # The step is taken in units of the initial vectors' RMS (see Concepts): token
+    # embeddings are small (RMS ~0.02 in CLIP's input table, ~1 at its output), and Adam's
+    # step is about lr per coordinate whatever the scale, so a raw lr that suits one space
+    # wrecks the other (lr 0.02 on input embeddings moves them by one RMS per step).
+    params = [p for p in concepts.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("these concepts have nothing to learn (built without offsets)")
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    concepts.base(components.text_encoder)  # output injection: the natural prompts, once
     acp = sched.alphas_cumprod.to(dev)
     n_train = int(sched.config.num_train_timesteps)
+    k = concepts.num_classes
     losses: list[float] = []
     step_times: list[float] = []
     bar = tqdm(range(cfg.steps), desc="client concepts", unit="step", disable=not progress, leave=False)
@@ -128,12 +125,7 @@ def train_concepts(
         ab = acp[t].view(-1, 1, 1, 1)
         xt = (ab.sqrt() * x0 + (1 - ab).sqrt() * eps).to(dtype)
         # Encode each class prompt once per step, then gather per sample.
-        k = len(classes)
-        s, v = s0 + scale * ds, v0 + scale * dv
-        per_class = embeddings.encode(
-            components.text_encoder, layout.ids, layout, s.unsqueeze(0).expand(k, -1, -1), v,
-            cfg.injection, base,
-        )  # fmt: skip
+        per_class = concepts(components.text_encoder)
         # Gather per sample with a one-hot matmul: the backward of indexing with repeated
         # indices accumulates in a thread-dependent order on CPU (not bit-reproducible).
         onehot = F.one_hot(rows[idx], k).to(dev, per_class.dtype)
@@ -153,8 +145,7 @@ def train_concepts(
     stats = {"seconds-per-step": statistics.median(steady) if steady else 0.0}
     if losses:  # no concept steps, no loss (rather than NaN in the reply and results.json)
         stats |= {"loss-first": sum(losses[:k]) / k, "loss-last": sum(losses[-k:]) / k}
-    s, v = s0 + scale * ds, v0 + scale * dv
-    return s.detach().float().cpu(), v.detach().float().cpu(), stats
+    return stats
 
 
 def personalize(
@@ -176,9 +167,10 @@ def personalize(
         components.tokenizer, template, cfg.n_s, cfg.n_v, domain_word or data.domain,
         [data.class_names[int(c)] for c in classes],
     )  # fmt: skip
-    s, v = embeddings.init_concepts(components.text_encoder, layout, cfg.injection, cfg.init, gen)
-    s, v, stats = train_concepts(components, z0, labels, layout, s, v, cfg, gen, classes, progress,
-                                 learn_domain=learn_domain)  # fmt: skip
+    concepts = Concepts.initialise(components.text_encoder, layout, cfg.injection, cfg.init, gen, classes,
+                                   learn_domain=learn_domain)  # fmt: skip
+    stats = train_concepts(components, z0, labels, concepts, cfg, gen, progress)
+    s, v = concepts.vectors()
     if cfg.upload_latents:
         zt = noised_latents(z0, labels, timestep, components.train_scheduler.alphas_cumprod, cfg, gen)
     else:  # concept level only: the labels still tell the server how many images to make

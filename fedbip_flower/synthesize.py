@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedbip_flower import embeddings
+from fedbip_flower.concepts import Concepts
 from fedbip_flower.config import ServerConfig
 from fedbip_flower.ldm import LDMComponents
 from fedbip_flower.payload import ClientPayload
@@ -42,16 +43,8 @@ def synthesize_client(
     dev = components.device
     gen = torch.Generator().manual_seed(seed)
     pipe = build_pipeline(components)
-    classes = payload.v_classes
-    layout = embeddings.build_layout(
-        components.tokenizer, payload.template, payload.s.shape[0], payload.v.shape[1],
-        payload.domain, [payload.class_names[int(c)] for c in classes],
-    )  # fmt: skip
-    row_of = {int(c): i for i, c in enumerate(classes.tolist())}
-    rows = torch.tensor([row_of[int(y)] for y in payload.labels])
-    base = None
-    if payload.injection == "output":
-        base = components.text_encoder(layout.ids.to(dev))[0]
+    concepts = Concepts.from_payload(payload, components.tokenizer)
+    rows = concepts.rows_for(payload.labels)
     uncond = embeddings.empty_prompt_embeds(components)
     concept_only = payload.latents.shape[0] == 0
     n = len(payload.labels)
@@ -68,13 +61,7 @@ def synthesize_client(
                 z = torch.randn((b, c, size, size), generator=gen)
             else:
                 z = payload.latents[i : i + b].float()
-            s_hat = payload.s.unsqueeze(0) + cfg.concept_noise * torch.randn(
-                (b, *payload.s.shape), generator=gen
-            )
-            emb = embeddings.encode(
-                components.text_encoder, layout.ids[r], layout, s_hat.to(dev), payload.v[r].to(dev),
-                payload.injection, None if base is None else base[r.to(dev)],
-            )  # fmt: skip
+            emb = concepts(components.text_encoder, r, cfg.concept_noise, gen)  # S_hat = S + eta per image
             ddim_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
             images = pipe(
                 latents=z, prompt_embeds=emb, negative_prompt_embeds=uncond,

@@ -6,6 +6,7 @@ import torch
 
 from fedbip_flower import embeddings
 from fedbip_flower.client import run_train
+from fedbip_flower.concepts import Concepts
 from fedbip_flower.config import ClientConfig
 from fedbip_flower.personalize import (
     encode_images,
@@ -34,14 +35,15 @@ def test_input_injection_only_changes_slots_and_leaves_the_encoder_frozen(tiny_c
     te = tiny_components.text_encoder
     lay = _layout(tiny_components)
     before = {k: v.clone() for k, v in te.state_dict().items()}
-    s, v = embeddings.init_concepts(te, lay, "input", "word", torch.Generator().manual_seed(0))
+    c = Concepts.initialise(te, lay, "input", "word", torch.Generator().manual_seed(0))
+    s, v = c.vectors()
     with torch.no_grad():
         natural = te(lay.ids)[0]
-        same = embeddings.encode(te, lay.ids, lay, s.expand(2, -1, -1), v, "input")
+        same = c(te)
     # word initialisation of a 1-token word reproduces the natural prompt exactly
     torch.testing.assert_close(natural[1], same[1])
     s2 = (s + 1.0).requires_grad_(True)
-    out = embeddings.encode(te, lay.ids, lay, s2.expand(2, -1, -1), v, "input")
+    out = c.encode(te, s2.expand(2, -1, -1), v)
     out.sum().backward()
     assert s2.grad is not None and s2.grad.abs().sum() > 0
     assert all(p.grad is None for p in te.parameters())
@@ -55,7 +57,8 @@ def test_output_injection_overwrites_output_positions(tiny_components):
     lay = _layout(tiny_components)
     s = torch.full((2, 2, te.config.hidden_size), 3.0)
     v = torch.full((2, 1, te.config.hidden_size), -3.0)
-    out = embeddings.encode(te, lay.ids, lay, s, v, "output")
+    c = Concepts(lay, s[0], v, "output", learnable=False)
+    out = c.encode(te, s, v)
     assert torch.all(out[:, lay.s_pos] == 3.0) and torch.all(out[:, lay.v_pos] == -3.0)
 
 
@@ -95,11 +98,13 @@ def test_concept_training_moves_only_s_and_v(tiny_components):
     assert z0.shape == (6, 4, 16, 16)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     lay = _layout(comps, 1, 1)
-    s, v = embeddings.init_concepts(comps.text_encoder, lay, "input", "word", torch.Generator().manual_seed(0))
+    c = Concepts.initialise(comps.text_encoder, lay, "input", "word", torch.Generator().manual_seed(0),
+                            torch.tensor([0, 1]))
+    s, v = c.vectors()
     unet_before = {k: t.clone() for k, t in comps.unet.state_dict().items()}
     cfg = ClientConfig(steps=3, batch_size=4, lr=0.05)
-    s2, v2, stats = train_concepts(comps, z0, labels, lay, s, v, cfg, torch.Generator().manual_seed(1),
-                                   torch.tensor([0, 1]), progress=False)
+    stats = train_concepts(comps, z0, labels, c, cfg, torch.Generator().manual_seed(1), progress=False)
+    s2, v2 = c.vectors()
     assert not torch.allclose(s, s2) and not torch.allclose(v, v2)
     for k, t in comps.unet.state_dict().items():
         torch.testing.assert_close(t, unet_before[k])
@@ -132,11 +137,13 @@ def test_concept_step_size_is_relative_to_the_embedding_scale(tiny_components):
     classes = torch.tensor([0, 1])
     for injection in ("input", "output"):
         lay = _layout(comps, 1, 1)
-        s, v = embeddings.init_concepts(comps.text_encoder, lay, injection, "word", torch.Generator().manual_seed(0))
+        c = Concepts.initialise(comps.text_encoder, lay, injection, "word", torch.Generator().manual_seed(0), classes)
+        s, v = c.vectors()
         rms = torch.cat([s.flatten(), v.flatten()]).pow(2).mean().sqrt()
+        torch.testing.assert_close(c.scale, rms)
         steps, lr = 4, 0.05
         cfg = ClientConfig(steps=steps, batch_size=4, lr=lr, injection=injection)
-        s2, v2, _ = train_concepts(comps, z0, labels, lay, s, v, cfg, torch.Generator().manual_seed(1), classes,
-                                   progress=False)  # fmt: skip
+        train_concepts(comps, z0, labels, c, cfg, torch.Generator().manual_seed(1), progress=False)
+        s2, v2 = c.vectors()
         drift = torch.cat([(s2 - s).flatten(), (v2 - v).flatten()]).abs().max()
         assert 0 < drift <= 1.05 * steps * lr * rms, (injection, float(drift), float(rms))
