@@ -2,7 +2,12 @@
 
 Every method runs through the same data pipeline (``load_client_data`` per partition, the
 same seeds) and the same classifier training; the federated exchange is run in-process
-(the Flower transport adds nothing to accuracy, and the apps are tested separately).
+(the Flower transport adds nothing to accuracy, and the apps are tested separately). The
+FedBiP methods run the ServerApp's own server side on their clients' uploads: each upload
+is serialized and validated as the app receives it, then
+:func:`~fedbip_flower.server_pipeline.build_global_model` (client order and seeds from the
+uploads) trains the classifier, so the ``fedbip`` row is what the Flower app gives for the
+same run config and seed.
 
     python -m fedbip_flower.benchmark accuracy --settings shapes-feature --seeds 0,1,2
     python -m fedbip_flower.benchmark speed
@@ -30,7 +35,10 @@ from fedbip_flower.client import client_seed, template_for
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.data import ClientData, NodeConfig, load_client_data
 from fedbip_flower.ldm import load_components
+from fedbip_flower.payload import UPLOAD, ClientPayload, validate_reply
 from fedbip_flower.personalize import encode_images, first_inference_timestep, personalize
+from fedbip_flower.server_pipeline import GlobalModel, build_global_model
+from fedbip_flower.strategy import expected_for
 from fedbip_flower.synthesize import synthesize_client, synthesize_from_prompts
 
 log = logging.getLogger(__name__)
@@ -153,6 +161,20 @@ def privacy_audit(comps, cfg: FedBiPConfig, data: ClientData, seed: int) -> dict
 
 
 # ----------------------------------------------------------------------------- methods
+def fedbip_server(comps, payloads: list[ClientPayload], cfg: FedBiPConfig,
+                  progress: bool = False) -> tuple[GlobalModel, list[int]]:  # fmt: skip
+    """The ServerApp's server side on these uploads: each is serialized as its client sends
+    it and validated as the app's intake does (same checks, same wire dtypes), then the
+    shared server pipeline builds the global model. Returns it and the upload sizes in bytes.
+
+    Every upload must pass (a benchmark client is honest): a bad one raises."""
+    records = [p.to_record_dict() for p in payloads]
+    expected = expected_for(comps, cfg)
+    uploads = {k: validate_reply(r, expected) for k, r in enumerate(records)}
+    built = build_global_model(comps, uploads, cfg, progress=progress)
+    return built, [int(r.array_records[UPLOAD].count_bytes()) for r in records]
+
+
 def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progress: bool = False,
                 audit: bool = True, on_method=None) -> dict:  # fmt: skip
     """Run ``methods`` on one (setting, seed); ``on_method(partial_run)`` is called after each."""
@@ -167,14 +189,17 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
 
     names = [d.domain if len({dd.domain for dd in datas}) == n else f"{d.domain}#{k}" for k, d in enumerate(datas)]
 
-    def finish(name, x, y, bytes_, client_s, server_t0):
-        model, stats = train_classifier(x, y, num_classes, cfg.classifier, seed, comps.device, progress)
+    def record(name, model, stats, num_train, bytes_, client_s, server_t0):
         server_s = time.time() - server_t0
         results[name] = {
             "accuracy": {nm: evaluate(model, d.test_images, d.test_labels, comps.device) for nm, d in zip(names, datas)},
             "upload_bytes": bytes_, "client_seconds": client_s, "server_seconds": server_s,
-            "num_train_images": len(x), "classifier_steps": int(stats["sgd-steps"]),
+            "num_train_images": num_train, "classifier_steps": int(stats["sgd-steps"]),
         }  # fmt: skip
+
+    def finish(name, x, y, bytes_, client_s, server_t0):
+        model, stats = train_classifier(x, y, num_classes, cfg.classifier, seed, comps.device, progress)
+        record(name, model, stats, len(x), bytes_, client_s, server_t0)
 
     for m in methods:
         log.info("[%s seed %d] %s", setting, seed, m)
@@ -199,9 +224,8 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
             if not mcfg.client.upload_latents:
                 ps = [dataclasses.replace(p, latents=p.latents[:0]) for p in ps]
             s0 = time.time()
-            xs, ys = zip(*[synthesize_client(comps, p, mcfg.server, seed * 1000 + k, progress) for k, p in enumerate(ps)])
-            bytes_ = [int(p.to_record_dict()["upload"].count_bytes()) for p in ps]
-            finish(m, torch.cat(xs), torch.cat(ys), bytes_, secs, s0)
+            built, bytes_ = fedbip_server(comps, ps, mcfg, progress)
+            record(m, built.classifier, built.stats, len(built.labels), bytes_, secs, s0)
         elif m == "zero-shot":
             s0 = time.time()
             labels = torch.cat([d.train_labels for d in datas]).sort().values

@@ -2,9 +2,11 @@
 
 Train phase: wait for ``min-clients`` nodes, send every connected node the personalization
 instruction, validate each reply (a bad or failed reply is rejected with a logged reason
-naming the node), synthesize a training set from the good uploads and train the global
-classifier. Evaluate phase: send the classifier to every instructed node still online,
-which scores it on its private test split.
+naming the node), then run the server pipeline shared with the benchmark
+(:func:`~fedbip_flower.server_pipeline.build_global_model`): synthesize a training set from
+the good uploads, in an order and with seeds fixed by the uploads themselves, and train the
+global classifier. Evaluate phase: send the classifier to every instructed node still
+online, which scores it on its private test split.
 
 No client can stop the run: every per-client step (intake, validation including the prompt
 layout with the server's tokenizer, synthesis from that client's upload, its evaluation
@@ -32,7 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedbip_flower.classifier import state_to_cpu, train_classifier
+from fedbip_flower.classifier import state_to_cpu
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.ldm import LDMComponents
 from fedbip_flower.payload import (
@@ -44,6 +46,7 @@ from fedbip_flower.payload import (
     safe_text,
     validate_reply,
 )
+from fedbip_flower.server_pipeline import build_global_model
 from fedbip_flower.synthesize import synthesize_client
 
 log = logging.getLogger(__name__)
@@ -96,7 +99,7 @@ class FedBiPStrategy(Strategy):
         self.classifier: torch.nn.Module | None = None
         self.class_names: list[str] = []
         self.timings: dict[str, float] = {}
-        self._t_sent = 0.0
+        self._t_sent = self._t_synthesis = 0.0
         self._sent: list[Message] = []
 
     def _sender(self, rep: Message) -> int:
@@ -209,58 +212,49 @@ class FedBiPStrategy(Strategy):
                 f"only {good} good upload(s){stage}, min-clients is {self.cfg.min_clients}. {reasons}"
             )
 
+    def _synthesize_images(self, nid: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node ``nid``'s synthetic images and labels (raises if its upload cannot make them)."""
+        p = self.accepted[nid]
+        return synthesize_client(
+            self.components, p, self.cfg.server, seed=seed, progress=self.progress,
+            desc=f"synthesis {safe_text(p.domain, 40)}",
+        )  # fmt: skip
+
     def synthesize(self, nid: int, seed: int) -> bool:
         """Synthesize node ``nid``'s images; a failure rejects that node only (returns False)."""
-        p = self.accepted[nid]
         try:
-            self.synthetic[nid] = synthesize_client(
-                self.components, p, self.cfg.server, seed=seed, progress=self.progress,
-                desc=f"synthesis {safe_text(p.domain, 40)}",
-            )  # fmt: skip
+            self.synthetic[nid] = self._synthesize_images(nid, seed)
         except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
             self._reject(nid, f"synthesis from its upload failed: {type(err).__name__}: {err}")
             return False
         return True
 
-    def _agree_on_image_shape(self) -> None:
-        """One training set needs one image shape (uploads with and without latents can decode
-        to different sizes): clients whose images differ from the majority's are rejected."""
-        shapes = {nid: tuple(x.shape[1:]) for nid, (x, _) in self.synthetic.items()}
-        if not shapes:
-            return
-        common, _ = Counter(shapes.values()).most_common(1)[0]
-        for nid, shape in shapes.items():
-            if shape != common:
-                self._reject(nid, f"its upload synthesizes images of shape {shape}, the others' are {common}")
+    def _before_training(self, synthetic: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.timings["synthesis"] = time.time() - self._t_synthesis
+        self.synthetic = synthetic
+        self._require_min_clients(" left after synthesis")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Intake, then the server pipeline (:func:`~fedbip_flower.server_pipeline.build_global_model`).
+
+        Client order and synthesis seeds follow from the accepted uploads alone, never from
+        node ids or the order of the replies: the benchmark's FedBiP rows run the same
+        pipeline on the same uploads.
+        """
         self.timings["clients"] = time.time() - self._t_sent
         self._collect(replies)
         log.info("%d of %d upload(s) accepted", len(self.accepted), len(self.clients))
         self._require_min_clients("")
-        t0 = time.time()
-        order = sorted(self.accepted, key=lambda n: (self.accepted[n].domain, self._digest(n)))
-        for k, nid in enumerate(order):
-            self.synthesize(nid, seed=self.cfg.seed * 1000 + k)
-        self._agree_on_image_shape()
-        self._require_min_clients(" left after synthesis")
-        order = [n for n in order if n in self.synthetic]
-        self.timings["synthesis"] = time.time() - t0
-        x = torch.cat([self.synthetic[n][0] for n in order])
-        y = torch.cat([self.synthetic[n][1] for n in order])
-        log.info("synthesized %d images in %.1f s", len(x), self.timings["synthesis"])
-        t0 = time.time()
-        self.classifier, stats = train_classifier(
-            x, y, len(self.class_names), self.cfg.classifier, self.cfg.seed,
-            self.components.device, self.progress,
+        self._t_synthesis = time.time()
+        built = build_global_model(
+            self.components, dict(self.accepted), self.cfg, progress=self.progress, reject=self._reject,
+            before_training=self._before_training, synthesize=self._synthesize_images,
         )  # fmt: skip
-        self.timings["classifier"] = time.time() - t0
-        metrics = MetricRecord({"num-synthetic": len(x), "num-accepted": len(order), **stats})
+        log.info("synthesized %d images in %.1f s", len(built.images), self.timings["synthesis"])
+        self.timings["classifier"] = built.timings["classifier"]
+        self.classifier = built.classifier
+        metrics = MetricRecord({"num-synthetic": len(built.images), "num-accepted": len(built.order), **built.stats})
         return ArrayRecord(state_to_cpu(self.classifier)), metrics
-
-    def _digest(self, nid: int) -> int:
-        p = self.accepted[nid]
-        return hash((p.labels.numel(), tuple(p.labels[:32].tolist()), round(float(p.s.sum()), 4)))
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -1,0 +1,177 @@
+"""The server's one pipeline: validated uploads -> synthetic training set -> global classifier.
+
+:func:`build_global_model` is what the ServerApp (:class:`~fedbip_flower.strategy.FedBiPStrategy`)
+runs after its intake, and what the benchmark's FedBiP methods run on the uploads of their
+in-process clients, so the benchmark's ``fedbip`` row is the app's result for the same
+config and seed.
+
+Client order. Uploads are processed in the order of :func:`order_key`: the upload's domain,
+then the SHA-256 of its content (:func:`upload_digest`: arrays and meta fields, not the
+client's timing metrics). Node ids are not used (a deployment draws them at random), nor is
+the reply order (network timing), nor a partition id (clients do not send one, and the
+server could not check it). The key depends on the upload alone, so the app and the
+benchmark, which hold the same uploads for the same seed, agree on it; with one domain per
+site (feature shift) the order is simply alphabetical by domain.
+
+Seed schedule. The client at position ``k`` of that order synthesizes with seed
+``cfg.seed * 1000 + k`` (:func:`synthesis_seed`; ``k`` counts every upload handed in, also
+one whose synthesis fails later); the training set is the concatenation of the clients'
+images in that order; the classifier is trained with ``cfg.seed``. The global model thus
+depends only on the set of uploads, the config and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from fedbip_flower.classifier import train_classifier
+from fedbip_flower.config import FedBiPConfig
+from fedbip_flower.ldm import LDMComponents
+from fedbip_flower.payload import ClientPayload, safe_text
+from fedbip_flower.synthesize import synthesize_client
+
+log = logging.getLogger(__name__)
+K = TypeVar("K", bound=Hashable)
+Synthetic = tuple[torch.Tensor, torch.Tensor]  # uint8 images (M, 3, H, W), int64 labels (M,)
+
+
+class PipelineError(RuntimeError):
+    """An upload cannot be used and the caller asked for no per-client rejection."""
+
+
+@dataclass
+class GlobalModel:
+    """What :func:`build_global_model` returns."""
+
+    classifier: torch.nn.Module  # eval mode, on CPU
+    images: torch.Tensor  # the synthetic training set, in client order
+    labels: torch.Tensor
+    order: list  # keys of the clients in the training set, in client order
+    synthetic: dict  # key -> (images, labels) of each client in ``order``
+    rejected: dict = field(default_factory=dict)  # key -> why its upload was dropped
+    stats: dict[str, float] = field(default_factory=dict)  # the classifier's training stats
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: synthesis, classifier
+
+
+def upload_digest(payload: ClientPayload) -> str:
+    """SHA-256 (hex) of an upload's content: its arrays (in their wire dtypes) and meta fields.
+
+    The client's metrics (timings among them) are left out: they differ from run to run
+    while the upload does not."""
+    h = hashlib.sha256()
+
+    def add(*parts: object) -> None:
+        for part in parts:
+            data = part if isinstance(part, bytes) else repr(part).encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+
+    add(payload.domain, list(payload.class_names), payload.template, int(payload.timestep),
+        payload.injection, payload.model_fingerprint)  # fmt: skip
+    for name, tensor, dtype in (("latents", payload.latents, torch.float16), ("labels", payload.labels, torch.int64),
+                                ("s", payload.s, torch.float32), ("v", payload.v, torch.float32),
+                                ("v_classes", payload.v_classes, torch.int64)):  # fmt: skip
+        arr = tensor.detach().to("cpu", dtype).contiguous().numpy()
+        add(name, str(arr.dtype), tuple(arr.shape), arr.tobytes())
+    return h.hexdigest()
+
+
+def order_key(payload: ClientPayload) -> tuple[str, str]:
+    """Where an upload goes in the client order: (domain, content digest)."""
+    return payload.domain, upload_digest(payload)
+
+
+def client_order(uploads: Mapping[K, ClientPayload]) -> list[K]:
+    """The keys of ``uploads`` in client order (see the module docstring). Byte-identical
+    uploads keep their input order; swapping them changes nothing in the training set."""
+    keys = {k: order_key(p) for k, p in uploads.items()}
+    return sorted(uploads, key=keys.__getitem__)
+
+
+def synthesis_seed(seed: int, position: int) -> int:
+    """The synthesis seed of the client at ``position`` of the client order."""
+    return seed * 1000 + position
+
+
+def synthesize_upload(components: LDMComponents, payload: ClientPayload, cfg: FedBiPConfig, seed: int,
+                      progress: bool = False) -> Synthetic:  # fmt: skip
+    """One client's synthetic images and labels (``cfg.server`` settings, seed ``seed``)."""
+    return synthesize_client(components, payload, cfg.server, seed=seed, progress=progress,
+                             desc=f"synthesis {safe_text(payload.domain, 40)}")  # fmt: skip
+
+
+def build_global_model(
+    components: LDMComponents, uploads: Mapping[K, ClientPayload], cfg: FedBiPConfig, *,
+    progress: bool = False, reject: Callable[[K, str], None] | None = None,
+    before_training: Callable[[dict[K, Synthetic]], None] | None = None,
+    synthesize: Callable[[K, int], Synthetic] | None = None,
+) -> GlobalModel:  # fmt: skip
+    """Validated uploads (any hashable key each, e.g. a node id) -> synthetic set -> classifier.
+
+    Steps: synthesize each upload in client order with its seed; drop clients whose images
+    have another shape than the majority's (one training set needs one image shape); call
+    ``before_training(synthetic)`` (the kept clients' images, in order; it may raise to stop,
+    e.g. for too few clients); train the classifier on the concatenation.
+
+    ``reject(key, reason)`` is called for a client dropped on the way (its synthesis failed,
+    or its image shape differs); without it such a client raises :class:`PipelineError`.
+    ``synthesize(key, seed)`` makes one client's images (default: :func:`synthesize_upload`
+    of ``uploads[key]``). All uploads must share one class list (the app's intake keeps the
+    majority's).
+    """
+    if not uploads:
+        raise PipelineError("no uploads to build a model from")
+    names = {tuple(p.class_names) for p in uploads.values()}
+    if len(names) != 1:
+        raise PipelineError(f"the uploads disagree on the class list ({len(names)} different lists)")
+    num_classes = len(next(iter(names)))
+    rejected: dict[K, str] = {}
+
+    def drop(key: K, reason: str) -> None:
+        if reject is None:
+            raise PipelineError(f"client {key}: {reason}")
+        rejected[key] = reason
+        reject(key, reason)
+
+    if synthesize is None:
+
+        def synthesize(key: K, seed: int) -> Synthetic:
+            return synthesize_upload(components, uploads[key], cfg, seed, progress)
+
+    t0 = time.time()
+    order = client_order(uploads)
+    synthetic: dict[K, Synthetic] = {}
+    for k, key in enumerate(order):
+        try:
+            synthetic[key] = synthesize(key, synthesis_seed(cfg.seed, k))
+        except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
+            drop(key, f"synthesis from its upload failed: {type(err).__name__}: {err}")
+    shapes = {key: tuple(x.shape[1:]) for key, (x, _) in synthetic.items()}
+    if shapes:
+        common, _ = Counter(shapes.values()).most_common(1)[0]
+        for key, shape in shapes.items():
+            if shape != common:
+                del synthetic[key]
+                drop(key, f"its upload synthesizes images of shape {shape}, the others' are {common}")
+    timings = {"synthesis": time.time() - t0}
+    if before_training is not None:
+        before_training(dict(synthetic))
+    if not synthetic:
+        raise PipelineError("no upload was left to train on after synthesis")
+    kept = list(synthetic)
+    x = torch.cat([synthetic[key][0] for key in kept])
+    y = torch.cat([synthetic[key][1] for key in kept])
+    log.debug("synthesized %d images from %d upload(s) in %.1f s", len(x), len(kept), timings["synthesis"])
+    t0 = time.time()
+    classifier, stats = train_classifier(x, y, num_classes, cfg.classifier, cfg.seed, components.device, progress)
+    timings["classifier"] = time.time() - t0
+    return GlobalModel(classifier=classifier, images=x, labels=y, order=kept, synthetic=synthetic,
+                       rejected=rejected, stats=stats, timings=timings)  # fmt: skip
