@@ -45,6 +45,11 @@ def synthesize_client(
     pipe = build_pipeline(components)
     concepts = Concepts.from_payload(payload, components.tokenizer)
     rows = concepts.rows_for(payload.labels)
+    # sigma is relative to the RMS of the uploaded S and V: text-encoder input embeddings
+    # have RMS ~0.02-0.05 (SD v1-4's are of that order too), and an absolute sigma of 0.1
+    # (the authors' code, whose concepts live in the encoder's output space, RMS ~1) would
+    # drown the learned domain concept in noise.
+    sigma = cfg.concept_noise * float(concepts.scale)
     uncond = embeddings.empty_prompt_embeds(components)
     concept_only = payload.latents.shape[0] == 0
     n = len(payload.labels)
@@ -61,7 +66,7 @@ def synthesize_client(
                 z = torch.randn((b, c, size, size), generator=gen)
             else:
                 z = payload.latents[i : i + b].float()
-            emb = concepts(components.text_encoder, r, cfg.concept_noise, gen)  # S_hat = S + eta per image
+            emb = concepts(components.text_encoder, r, sigma, gen)  # S_hat = S + eta per image
             ddim_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
             images = pipe(
                 latents=z, prompt_embeds=emb, negative_prompt_embeds=uncond,
