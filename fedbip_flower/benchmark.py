@@ -46,12 +46,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS: dict[str, tuple[dict, int]] = {
     "shapes-feature": ({"data.partition-by": "domain"}, 4),
-    "shapes-label-0.5": ({"data.partition-by": "dirichlet", "data.alpha": 0.5, "data.domains": "satellite",
-                          "data.per-class": 100}, 5),
-    "shapes-label-0.01": ({"data.partition-by": "dirichlet", "data.alpha": 0.01, "data.domains": "satellite",
-                           "data.per-class": 100}, 5),
-    "pacs-feature": ({"data.dataset": "imagefolder", "data.data-dir": str(REPO.parent / "shared" / "data" / "pacs")}, 4),
-}  # fmt: skip
+    "shapes-label-0.5": (
+        {"data.partition-by": "dirichlet", "data.alpha": 0.5, "data.domains": "satellite", "data.per-class": 100},
+        5,
+    ),
+    "shapes-label-0.01": (
+        {"data.partition-by": "dirichlet", "data.alpha": 0.01, "data.domains": "satellite", "data.per-class": 100},
+        5,
+    ),
+    "pacs-feature": (
+        {"data.dataset": "imagefolder", "data.data-dir": str(REPO.parent / "shared" / "data" / "pacs")},
+        4,
+    ),
+}
 # method -> (client config overrides, server config overrides, personalize kwargs)
 FEDBIP_METHODS: dict[str, tuple[dict, dict, dict]] = {
     "fedbip": ({}, {}, {}),
@@ -64,8 +71,15 @@ FEDBIP_METHODS: dict[str, tuple[dict, dict, dict]] = {
 }
 OTHER_METHODS = ("zero-shot", "fedavg-oneshot", "ensemble", "centralized")
 ALL_METHODS = tuple(FEDBIP_METHODS) + OTHER_METHODS
-SMOKE = {"data.per-class": 4, "data.shots": 2, "data.max-test-per-class": 2, "client.steps": 2,
-         "client.batch-size": 8, "server.inference-steps": 2, "classifier.epochs": 1}  # fmt: skip
+SMOKE = {
+    "data.per-class": 4,
+    "data.shots": 2,
+    "data.max-test-per-class": 2,
+    "client.steps": 2,
+    "client.batch-size": 8,
+    "server.inference-steps": 2,
+    "classifier.epochs": 1,
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -134,14 +148,19 @@ def privacy_audit(comps, cfg: FedBiPConfig, data: ClientData, seed: int) -> dict
         with torch.no_grad():
             direct = comps.vae.decode(p.latents.to(comps.device, comps.dtype) / comps.latent_scale).sample
         direct = (direct.float().cpu() / 2 + 0.5).clamp(0, 1)
-        denoised, _ = synthesize_client(comps, dataclasses.replace(p), dataclasses.replace(cfg.server, concept_noise=0.0,
-                                        multiplier=1), seed, progress=False)  # fmt: skip
+        denoised, _ = synthesize_client(
+            comps,
+            dataclasses.replace(p),
+            dataclasses.replace(cfg.server, concept_noise=0.0, multiplier=1),
+            seed,
+            progress=False,
+        )
         res = {}
         for attack, rec in (("decode", direct), ("denoise", _f(denoised))):
             s_src, p_src = ssim(rec, src), psnr(rec, src)
             s_other, p_other = torch.zeros(len(src)), torch.zeros(len(src))
             for i in range(len(src)):
-                same = torch.nonzero((data.train_labels == data.train_labels[i])).flatten()
+                same = torch.nonzero(data.train_labels == data.train_labels[i]).flatten()
                 same = same[same != i]
                 if len(same) == 0:
                     s_other[i], p_other[i] = float("nan"), float("nan")
@@ -150,19 +169,22 @@ def privacy_audit(comps, cfg: FedBiPConfig, data: ClientData, seed: int) -> dict
                 p_other[i] = psnr(rec[i : i + 1].expand(len(same), -1, -1, -1), src[same]).max()
             ok = ~torch.isnan(s_other)
             res[attack] = {
-                "ssim_source": float(s_src.mean()), "ssim_nearest_other": float(s_other[ok].mean()),
-                "psnr_source": float(p_src.mean()), "psnr_nearest_other": float(p_other[ok].mean()),
+                "ssim_source": float(s_src.mean()),
+                "ssim_nearest_other": float(s_other[ok].mean()),
+                "psnr_source": float(p_src.mean()),
+                "psnr_nearest_other": float(p_other[ok].mean()),
                 "ssim_gap": float((s_src[ok] - s_other[ok]).mean()),
                 "psnr_gap": float((p_src[ok] - p_other[ok]).mean()),
-            }  # fmt: skip
+            }
         best = max(res, key=lambda a: res[a]["ssim_source"])
         out[name] = {"attacks": res, "best_attack": best, "timestep": t}
     return out
 
 
 # ----------------------------------------------------------------------------- methods
-def fedbip_server(comps, payloads: list[ClientPayload], cfg: FedBiPConfig,
-                  progress: bool = False) -> tuple[GlobalModel, list[int]]:  # fmt: skip
+def fedbip_server(
+    comps, payloads: list[ClientPayload], cfg: FedBiPConfig, progress: bool = False
+) -> tuple[GlobalModel, list[int]]:
     """The ServerApp's server side on these uploads: each is serialized as its client sends
     it and validated as the app's intake does (same checks, same wire dtypes), then the
     shared server pipeline builds the global model. Returns it and the upload sizes in bytes.
@@ -175,8 +197,9 @@ def fedbip_server(comps, payloads: list[ClientPayload], cfg: FedBiPConfig,
     return built, [int(r.array_records[UPLOAD].count_bytes()) for r in records]
 
 
-def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progress: bool = False,
-                audit: bool = True, on_method=None) -> dict:  # fmt: skip
+def run_setting(
+    setting: str, methods: list[str], seed: int, extra: dict, progress: bool = False, audit: bool = True, on_method=None
+) -> dict:
     """Run ``methods`` on one (setting, seed); ``on_method(partial_run)`` is called after each."""
     overrides, n = SETTINGS[setting]
     cfg = FedBiPConfig.from_run_config({**overrides, **extra, "seed": seed})
@@ -192,10 +215,16 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
     def record(name, model, stats, num_train, bytes_, client_s, server_t0):
         server_s = time.time() - server_t0
         results[name] = {
-            "accuracy": {nm: evaluate(model, d.test_images, d.test_labels, comps.device) for nm, d in zip(names, datas)},
-            "upload_bytes": bytes_, "client_seconds": client_s, "server_seconds": server_s,
-            "num_train_images": num_train, "classifier_steps": int(stats["sgd-steps"]),
-        }  # fmt: skip
+            "accuracy": {
+                nm: evaluate(model, d.test_images, d.test_labels, comps.device)
+                for nm, d in zip(names, datas, strict=False)
+            },
+            "upload_bytes": bytes_,
+            "client_seconds": client_s,
+            "server_seconds": server_s,
+            "num_train_images": num_train,
+            "classifier_steps": int(stats["sgd-steps"]),
+        }
 
     def finish(name, x, y, bytes_, client_s, server_t0):
         model, stats = train_classifier(x, y, num_classes, cfg.classifier, seed, comps.device, progress)
@@ -216,8 +245,18 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
                 ps, secs = [], []
                 for k, d in enumerate(datas):
                     c0 = time.time()
-                    ps.append(personalize(comps, d, tcfg.client, template_for(tcfg), t,
-                                          client_seed(tcfg, NodeConfig(k, n)), progress, **pkw))  # fmt: skip
+                    ps.append(
+                        personalize(
+                            comps,
+                            d,
+                            tcfg.client,
+                            template_for(tcfg),
+                            t,
+                            client_seed(tcfg, NodeConfig(k, n)),
+                            progress,
+                            **pkw,
+                        )
+                    )
                     secs.append(time.time() - c0)
                 uploads[key] = (ps, secs)
             ps, secs = uploads[key]
@@ -243,8 +282,9 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
                 models, secs = [], []
                 for d in datas:
                     c0 = time.time()
-                    mod, _ = train_classifier(d.train_images, d.train_labels, num_classes, cfg.classifier, seed,
-                                              comps.device, progress)  # fmt: skip
+                    mod, _ = train_classifier(
+                        d.train_images, d.train_labels, num_classes, cfg.classifier, seed, comps.device, progress
+                    )
                     models.append(mod)
                     secs.append(time.time() - c0)
                 uploads[key] = (models, secs)
@@ -254,22 +294,44 @@ def run_setting(setting: str, methods: list[str], seed: int, extra: dict, progre
             if m == "fedavg-oneshot":
                 glob = build_classifier(dataclasses.replace(cfg.classifier, pretrained=""), num_classes)
                 glob.load_state_dict(fedavg([state_to_cpu(mm) for mm in models], [len(d.train_labels) for d in datas]))
-                acc = {nm: evaluate(glob, d.test_images, d.test_labels) for nm, d in zip(names, datas)}
+                acc = {nm: evaluate(glob, d.test_images, d.test_labels) for nm, d in zip(names, datas, strict=False)}
             else:
-                acc = {nm: ensemble_accuracy(models, d.test_images, d.test_labels) for nm, d in zip(names, datas)}
-            results[m] = {"accuracy": acc, "upload_bytes": nbytes, "client_seconds": secs,
-                          "server_seconds": time.time() - s0, "num_train_images": 0}  # fmt: skip
+                acc = {
+                    nm: ensemble_accuracy(models, d.test_images, d.test_labels)
+                    for nm, d in zip(names, datas, strict=False)
+                }
+            results[m] = {
+                "accuracy": acc,
+                "upload_bytes": nbytes,
+                "client_seconds": secs,
+                "server_seconds": time.time() - s0,
+                "num_train_images": 0,
+            }
         else:
             raise ValueError(f"unknown method {m!r}; known: {', '.join(ALL_METHODS)}")
         results[m]["wall_seconds"] = time.time() - t0
         if on_method is not None:
-            on_method({"setting": setting, "seed": seed, "methods": results, "privacy": None,
-                       "config": cfg.to_run_config(), "complete": False})  # fmt: skip
+            on_method(
+                {
+                    "setting": setting,
+                    "seed": seed,
+                    "methods": results,
+                    "privacy": None,
+                    "config": cfg.to_run_config(),
+                    "complete": False,
+                }
+            )
     privacy = None
     if audit and setting.startswith("shapes"):
         privacy = privacy_audit(comps, cfg, datas[0], seed)
-    return {"setting": setting, "seed": seed, "methods": results, "privacy": privacy, "config": cfg.to_run_config(),
-            "complete": True}  # fmt: skip
+    return {
+        "setting": setting,
+        "seed": seed,
+        "methods": results,
+        "privacy": privacy,
+        "config": cfg.to_run_config(),
+        "complete": True,
+    }
 
 
 def merge_runs(paths: list[Path]) -> list[dict]:
@@ -299,8 +361,9 @@ def summarize(runs: list[dict]) -> dict:
     table: dict = {}
     for r in runs:
         for m, v in r["methods"].items():
-            e = table.setdefault(r["setting"], {}).setdefault(m, {"per_domain": {}, "means": [], "bytes": [],
-                                                                 "client_s": [], "server_s": []})  # fmt: skip
+            e = table.setdefault(r["setting"], {}).setdefault(
+                m, {"per_domain": {}, "means": [], "bytes": [], "client_s": [], "server_s": []}
+            )
             for d, a in v["accuracy"].items():
                 e["per_domain"].setdefault(d, []).append(a)
             accs = [a for a in v["accuracy"].values() if a == a]
@@ -315,28 +378,40 @@ def to_markdown(table: dict) -> str:
     lines = []
     for setting, methods in table.items():
         domains = sorted({d for e in methods.values() for d in e["per_domain"]})
-        lines += [f"### {setting}", "", "| method | " + " | ".join(domains) + " | mean +- std | seeds | upload/client | client s | server s |",
-                  "|---" * (len(domains) + 6) + "|"]  # fmt: skip
+        lines += [
+            f"### {setting}",
+            "",
+            "| method | " + " | ".join(domains) + " | mean +- std | seeds | upload/client | client s | server s |",
+            "|---" * (len(domains) + 6) + "|",
+        ]
         for m, e in methods.items():
             per = [f"{statistics.mean(e['per_domain'][d]):.3f}" if d in e["per_domain"] else "-" for d in domains]
             sd = statistics.stdev(e["means"]) if len(e["means"]) > 1 else 0.0
             b = statistics.mean(e["bytes"])
             size = f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
-            lines.append(f"| {m} | " + " | ".join(per) + f" | {statistics.mean(e['means']):.3f} +- {sd:.3f} | {len(e['means'])} | {size} | "
-                         f"{statistics.mean(e['client_s']):.1f} | {statistics.mean(e['server_s']):.1f} |")  # fmt: skip
+            lines.append(
+                f"| {m} | "
+                + " | ".join(per)
+                + f" | {statistics.mean(e['means']):.3f} +- {sd:.3f} | {len(e['means'])} | {size} | "
+                f"{statistics.mean(e['client_s']):.1f} | {statistics.mean(e['server_s']):.1f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def privacy_markdown(runs: list[dict]) -> str:
-    lines = ["| setting | seed | upload | best attack | SSIM source | SSIM nearest other | gap | PSNR source | PSNR other |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| setting | seed | upload | best attack | SSIM source | SSIM nearest other | gap | PSNR source | PSNR other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         for name, v in (r.get("privacy") or {}).items():
             a = v["attacks"][v["best_attack"]]
-            lines.append(f"| {r['setting']} | {r['seed']} | {name} (T={v['timestep']}) | {v['best_attack']} | "
-                         f"{a['ssim_source']:.3f} | {a['ssim_nearest_other']:.3f} | {a['ssim_gap']:+.3f} | "
-                         f"{a['psnr_source']:.2f} | {a['psnr_nearest_other']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {r['setting']} | {r['seed']} | {name} (T={v['timestep']}) | {v['best_attack']} | "
+                f"{a['ssim_source']:.3f} | {a['ssim_nearest_other']:.3f} | {a['ssim_gap']:+.3f} | "
+                f"{a['psnr_source']:.2f} | {a['psnr_nearest_other']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -361,7 +436,9 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
     for _ in range(repeats + 1):
         _sync(comps.device)
         t0 = time.perf_counter()
-        comps.unet(z0.to(comps.device, comps.dtype), t.to(comps.device), cond.to(comps.device, comps.dtype)).sample.mean().backward()
+        comps.unet(
+            z0.to(comps.device, comps.dtype), t.to(comps.device), cond.to(comps.device, comps.dtype)
+        ).sample.mean().backward()
         _sync(comps.device)
         times.append(time.perf_counter() - t0)
     unet_s = statistics.median(times[1:])
@@ -375,28 +452,51 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
     synthesize_client(comps, p, cfg.server, 0, progress=False)
     _sync(comps.device)
     ours = len(p.labels) / (time.perf_counter() - t0)
-    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                                   unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
+        unet=comps.unet,
+        scheduler=comps.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     n_single = min(images, 8)
     res = cfg.data.resolution
     t0 = time.perf_counter()
     for i in range(n_single):
-        pipe(f"a {data.class_names[int(p.labels[i])]}", height=res, width=res, num_inference_steps=cfg.server.inference_steps,
-             guidance_scale=cfg.server.guidance_scale, generator=torch.Generator().manual_seed(i), output_type="pt")  # fmt: skip
+        pipe(
+            f"a {data.class_names[int(p.labels[i])]}",
+            height=res,
+            width=res,
+            num_inference_steps=cfg.server.inference_steps,
+            guidance_scale=cfg.server.guidance_scale,
+            generator=torch.Generator().manual_seed(i),
+            output_type="pt",
+        )
     _sync(comps.device)
     single = n_single / (time.perf_counter() - t0)
     cuda = comps.device.type == "cuda"
     return {
-        "device": torch.cuda.get_device_name(comps.device) if cuda else "cpu", "threads": torch.get_num_threads(),
-        "model": comps.source, "dtype": str(comps.dtype), "resolution": res, "batch": batch,
-        "synthesis_batch": cfg.server.batch_size, "images": len(p.labels),
+        "device": torch.cuda.get_device_name(comps.device) if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "model": comps.source,
+        "dtype": str(comps.dtype),
+        "resolution": res,
+        "batch": batch,
+        "synthesis_batch": cfg.server.batch_size,
+        "images": len(p.labels),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(comps.device) / 2**30 if cuda else None,
-        "unet_fwd_bwd_s": unet_s, "client_step_s": step_s, "client_step_over_unet": step_s / unet_s,
-        "synthesis_images_per_s": ours, "pipeline_per_image_images_per_s": single,
-        "synthesis_speedup": ours / single, "inference_steps": cfg.server.inference_steps,
-    }  # fmt: skip
+        "unet_fwd_bwd_s": unet_s,
+        "client_step_s": step_s,
+        "client_step_over_unet": step_s / unet_s,
+        "synthesis_images_per_s": ours,
+        "pipeline_per_image_images_per_s": single,
+        "synthesis_speedup": ours / single,
+        "inference_steps": cfg.server.inference_steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -425,10 +525,14 @@ def main(argv: list[str] | None = None) -> None:
         r = speed(extra, a.batch, images=a.images)
         (a.out / "speed.json").write_text(json.dumps(r, indent=2))
         print(f"{r['device']}, {r['dtype']}, {r['resolution']} px, model {r['model']}")
-        print(f"client step {r['client_step_s'] * 1000:.1f} ms vs UNet fwd+bwd {r['unet_fwd_bwd_s'] * 1000:.1f} ms "
-              f"(batch {r['batch']}): {r['client_step_over_unet']:.2f}x")
-        print(f"synthesis {r['synthesis_images_per_s']:.2f} img/s batched vs {r['pipeline_per_image_images_per_s']:.2f} "
-              f"img/s one image per pipeline call ({r['inference_steps']} steps): {r['synthesis_speedup']:.1f}x")
+        print(
+            f"client step {r['client_step_s'] * 1000:.1f} ms vs UNet fwd+bwd {r['unet_fwd_bwd_s'] * 1000:.1f} ms "
+            f"(batch {r['batch']}): {r['client_step_over_unet']:.2f}x"
+        )
+        print(
+            f"synthesis {r['synthesis_images_per_s']:.2f} img/s batched vs {r['pipeline_per_image_images_per_s']:.2f} "
+            f"img/s one image per pipeline call ({r['inference_steps']} steps): {r['synthesis_speedup']:.1f}x"
+        )
         return
     t0 = time.time()
     if a.mode == "merge":
@@ -449,8 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     table = summarize(runs)
     audited = any(r.get("privacy") for r in runs)
     md = to_markdown(table) + "\n" + ("Privacy audit\n\n" + privacy_markdown(runs) if audited else "")
-    (a.out / "benchmark.json").write_text(json.dumps({"runs": runs, "summary": table, "seconds": time.time() - t0},
-                                                     indent=2, default=float))  # fmt: skip
+    (a.out / "benchmark.json").write_text(
+        json.dumps({"runs": runs, "summary": table, "seconds": time.time() - t0}, indent=2, default=float)
+    )
     (a.out / "benchmark.md").write_text(md + "\n")
     print(md)
     print(f"wall time {time.time() - t0:.0f} s; written to {a.out}/benchmark.json and benchmark.md")

@@ -73,9 +73,15 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def train_classifier(
-    images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
-    seed: int, device: torch.device, progress: bool = True, model: torch.nn.Module | None = None,
-) -> tuple[torch.nn.Module, dict[str, float]]:  # fmt: skip
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    cfg: ClassifierConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+    model: torch.nn.Module | None = None,
+) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train on uint8 images (N, 3, H, W); returns the model (eval mode, CPU) and stats.
 
     ``model`` replaces the configured ResNet-18 (the LDM report's judge uses a small CNN).
@@ -128,8 +134,13 @@ def train_classifier(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             device: torch.device | str = "cpu", batch: int = 256) -> float:  # fmt: skip
+def evaluate(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch: int = 256,
+) -> float:
     """Top-1 accuracy on uint8 images."""
     if len(images) == 0:
         return float("nan")

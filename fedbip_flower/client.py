@@ -55,8 +55,11 @@ def check_site_data(data: ClientData, cfg: FedBiPConfig, node: NodeConfig) -> No
     counts = torch.bincount(labels).tolist() if len(labels) else []
     per_class = [c for c in counts if c]
     fewest = min(per_class) if per_class else 0
-    more = (f"`python -m fedbip_flower.deploy make-site-data ... --per-class {cfg.data.shots + 8}`" if node.data_dir
-            else f"data.per-class={cfg.data.shots + 8} for the bundled data")  # fmt: skip
+    more = (
+        f"`python -m fedbip_flower.deploy make-site-data ... --per-class {cfg.data.shots + 8}`"
+        if node.data_dir
+        else f"data.per-class={cfg.data.shots + 8} for the bundled data"
+    )
     hint = f"give each class more than data.shots={cfg.data.shots} images (e.g. {more})"
     if fewest >= 2:
         hint += f" or run with data.shots={fewest // 2}"
@@ -67,8 +70,7 @@ def check_site_data(data: ClientData, cfg: FedBiPConfig, node: NodeConfig) -> No
     )
 
 
-def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any],
-              progress: bool = True) -> RecordDict:  # fmt: skip
+def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any], progress: bool = True) -> RecordDict:
     """Load this site's data, check it splits into training and test images, run bi-level
     personalization, return the one upload."""
     cfg = config_from_record(config)
@@ -81,8 +83,9 @@ def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any]
     return payload.to_record_dict()
 
 
-def run_evaluate(arrays_state: dict[str, torch.Tensor], config: ConfigRecord | dict[str, Any],
-                 node_config: dict[str, Any]) -> RecordDict:  # fmt: skip
+def run_evaluate(
+    arrays_state: dict[str, torch.Tensor], config: ConfigRecord | dict[str, Any], node_config: dict[str, Any]
+) -> RecordDict:
     """Score the global classifier on this site's private test split."""
     cfg = config_from_record(config)
     node = NodeConfig.from_node_config(node_config)

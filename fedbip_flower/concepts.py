@@ -59,7 +59,7 @@ class Init(str, Enum):
 @torch.no_grad()
 def initial_vectors(
     text_encoder, layout: PromptLayout, injection: Injection | str, init: Init | str, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial S (n_s, D) and V (K, n_v, D), float32 on CPU.
 
     ``word``: the natural words' token embeddings (input injection) or the text encoder's
@@ -119,16 +119,25 @@ class Concepts(nn.Module):
     """
 
     def __init__(
-        self, layout: PromptLayout, s0: torch.Tensor, v0: torch.Tensor, injection: Injection | str,
-        classes: torch.Tensor | None = None, *, learnable: bool = True, learn_domain: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        layout: PromptLayout,
+        s0: torch.Tensor,
+        v0: torch.Tensor,
+        injection: Injection | str,
+        classes: torch.Tensor | None = None,
+        *,
+        learnable: bool = True,
+        learn_domain: bool = True,
+    ) -> None:
         super().__init__()
         if s0.ndim != 2 or v0.ndim != 3 or s0.shape[-1] != v0.shape[-1]:
             raise ValueError(f"S0 must be (n_s, D) and V0 (K, n_v, D), got {tuple(s0.shape)} and {tuple(v0.shape)}")
         if (layout.num_classes, len(layout.s_pos), len(layout.v_pos)) != (v0.shape[0], s0.shape[0], v0.shape[1]):
-            raise ValueError(f"layout of {layout.num_classes} prompts with {len(layout.s_pos)} [S] and "
-                             f"{len(layout.v_pos)} [V] slots does not fit S0 {tuple(s0.shape)}, "
-                             f"V0 {tuple(v0.shape)}")  # fmt: skip
+            raise ValueError(
+                f"layout of {layout.num_classes} prompts with {len(layout.s_pos)} [S] and "
+                f"{len(layout.v_pos)} [V] slots does not fit S0 {tuple(s0.shape)}, "
+                f"V0 {tuple(v0.shape)}"
+            )
         self.layout = layout
         self.injection = Injection(injection)
         self.classes = torch.arange(v0.shape[0]) if classes is None else torch.as_tensor(classes).to(torch.int64)
@@ -148,9 +157,16 @@ class Concepts(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def initialise(
-        cls, text_encoder, layout: PromptLayout, injection: Injection | str, init: Init | str,
-        generator: torch.Generator, classes: torch.Tensor | None = None, *, learn_domain: bool = True,
-    ) -> Concepts:  # fmt: skip
+        cls,
+        text_encoder,
+        layout: PromptLayout,
+        injection: Injection | str,
+        init: Init | str,
+        generator: torch.Generator,
+        classes: torch.Tensor | None = None,
+        *,
+        learn_domain: bool = True,
+    ) -> Concepts:
         """Learnable concepts on the text encoder's device, from :func:`initial_vectors`."""
         s0, v0 = initial_vectors(text_encoder, layout, injection, init, generator)
         dev = text_encoder.device
@@ -161,8 +177,14 @@ class Concepts(nn.Module):
         """An upload's concepts as the server uses them (fixed, on the CPU)."""
         from fedbip_flower.payload import prompt_layout
 
-        return cls(prompt_layout(tokenizer, payload), payload.s, payload.v, payload.injection,
-                   payload.v_classes, learnable=False)  # fmt: skip
+        return cls(
+            prompt_layout(tokenizer, payload),
+            payload.s,
+            payload.v,
+            payload.injection,
+            payload.v_classes,
+            learnable=False,
+        )
 
     # ------------------------------------------------------------------ vectors
     @property
@@ -190,7 +212,7 @@ class Concepts(nn.Module):
 
     def batch(
         self, rows: torch.Tensor | None = None, s_noise: float = 0.0, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(S (B, n_s, D), V (B, n_v, D)) for class ``rows`` (B,) (None: every row, in order).
 
         With a ``generator``, each image gets its own S: S + ``s_noise`` * N(0, 1) (drawn on
@@ -218,9 +240,7 @@ class Concepts(nn.Module):
             self._base = (weakref.ref(text_encoder), out)
         return self._base[1]
 
-    def encode(
-        self, text_encoder, s: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None
-    ) -> torch.Tensor:  # fmt: skip
+    def encode(self, text_encoder, s: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Prompt embeddings (B, L, D) of class ``rows`` (None: every row) with S (B, n_s, D)
         and V (B, n_v, D) in the slots, at the text encoder's input or output."""
         dev = text_encoder.device
@@ -236,16 +256,21 @@ class Concepts(nn.Module):
         return out
 
     def forward(
-        self, text_encoder, rows: torch.Tensor | None = None, s_noise: float = 0.0,
+        self,
+        text_encoder,
+        rows: torch.Tensor | None = None,
+        s_noise: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Prompt embeddings of class ``rows`` with these concepts (see :meth:`batch`)."""
         s, v = self.batch(rows, s_noise, generator)
         return self.encode(text_encoder, s, v, rows)
 
     def extra_repr(self) -> str:
-        return (f"injection={self.injection.value}, classes={self.num_classes}, n_s={self.s0.shape[0]}, "
-                f"n_v={self.v0.shape[1]}, dim={self.s0.shape[1]}, learnable={self.ds is not None}")  # fmt: skip
+        return (
+            f"injection={self.injection.value}, classes={self.num_classes}, n_s={self.s0.shape[0]}, "
+            f"n_v={self.v0.shape[1]}, dim={self.s0.shape[1]}, learnable={self.ds is not None}"
+        )
 
 
 # ---------------------------------------------------------------------- textual inversion
@@ -317,14 +342,23 @@ def export_textual_inversion(payload, folder: str | Path, site: str | None = Non
         "domain": payload.domain,
         "template": payload.template,
         "model_fingerprint": payload.model_fingerprint,
-        "domain_token": {"token": domain_token, "file": write(domain_token, payload.s),
-                         "num_vectors": int(payload.s.shape[0])},
+        "domain_token": {
+            "token": domain_token,
+            "file": write(domain_token, payload.s),
+            "num_vectors": int(payload.s.shape[0]),
+        },
         "classes": [
-            {"id": cid, "name": name, "token": tok, "file": write(tok, payload.v[k]),
-             "num_vectors": int(payload.v.shape[1]), "prompt": prompt(tok)}
+            {
+                "id": cid,
+                "name": name,
+                "token": tok,
+                "file": write(tok, payload.v[k]),
+                "num_vectors": int(payload.v.shape[1]),
+                "prompt": prompt(tok),
+            }
             for k, (cid, name, tok) in enumerate(zip(class_ids, names, class_tokens, strict=True))
         ],
-    }  # fmt: skip
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
 
@@ -340,8 +374,9 @@ def load_textual_inversion(pipe, folder: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------- command line
-def export_site(run_config: dict, node_config: dict, folder: str | Path, site: str | None = None,
-                progress: bool = True) -> dict:  # fmt: skip
+def export_site(
+    run_config: dict, node_config: dict, folder: str | Path, site: str | None = None, progress: bool = True
+) -> dict:
     """Personalize one site as its client does (same config, data and seed: the same
     concepts it uploads) and export its concepts with :func:`export_textual_inversion`."""
     from fedbip_flower.client import check_site_data, client_seed, config_from_record, template_for
@@ -351,8 +386,10 @@ def export_site(run_config: dict, node_config: dict, folder: str | Path, site: s
 
     cfg = config_from_record(run_config)
     if Injection(cfg.client.injection) is not Injection.INPUT:
-        raise ExportError(f"client.injection={cfg.client.injection}: only input-injected concepts are token "
-                          "embeddings; run with client.injection=input")  # fmt: skip
+        raise ExportError(
+            f"client.injection={cfg.client.injection}: only input-injected concepts are token "
+            "embeddings; run with client.injection=input"
+        )
     node = NodeConfig.from_node_config(node_config)
     data = load_client_data(cfg.data, node, cfg.seed)
     check_site_data(data, cfg, node)
@@ -363,8 +400,10 @@ def export_site(run_config: dict, node_config: dict, folder: str | Path, site: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fedbip_flower.concepts",
-                                description="A site's learned concepts as textual-inversion embeddings.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m fedbip_flower.concepts",
+        description="A site's learned concepts as textual-inversion embeddings.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="personalize one site and write its concepts for diffusers pipelines")
     e.add_argument("out", type=Path, help="output folder (one .safetensors per token and concepts.json)")
@@ -383,10 +422,14 @@ def main(argv: list[str] | None = None) -> None:
         m = export_site(run_config, node, a.out, a.site, progress=not a.no_progress)
     except ExportError as err:
         p.exit(2, f"error: {err}\n")
-    print(f"wrote {1 + len(m['classes'])} token(s) to {a.out}: domain {m['domain_token']['token']}, classes "
-          + ", ".join(c["token"] for c in m["classes"]))
-    print(f"load them with fedbip_flower.concepts.load_textual_inversion(pipe, {str(a.out)!r}) (or one file with "
-          f"pipe.load_textual_inversion(path)); prompt e.g. {m['classes'][0]['prompt']!r}")
+    print(
+        f"wrote {1 + len(m['classes'])} token(s) to {a.out}: domain {m['domain_token']['token']}, classes "
+        + ", ".join(c["token"] for c in m["classes"])
+    )
+    print(
+        f"load them with fedbip_flower.concepts.load_textual_inversion(pipe, {str(a.out)!r}) (or one file with "
+        f"pipe.load_textual_inversion(path)); prompt e.g. {m['classes'][0]['prompt']!r}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value is invalid."""
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, lo=None, hi=None):  # noqa: A002
+def _f(default: Any, help: str, choices: tuple | None = None, lo=None, hi=None):
     return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi})
 
 
@@ -27,12 +27,14 @@ def _f(default: Any, help: str, choices: tuple | None = None, lo=None, hi=None):
 class ModelConfig:
     id: str = _f("bundled", "LDM: 'bundled' (the shipped small LDM), an HF hub id, or a local folder")
     device: str = _f("auto", "torch device for the server's synthesis and classifier", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = _f("auto", "LDM weights dtype: auto = fp16 on CUDA, fp32 on CPU", ("auto", "float32", "float16"))  # fmt: skip
+    dtype: str = _f("auto", "LDM weights dtype: auto = fp16 on CUDA, fp32 on CPU", ("auto", "float32", "float16"))
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f(SHAPES_DATASET, "'fedbip-shapes' (bundled), 'imagefolder' (data-dir / node's data-dir) or an HF id")
+    dataset: str = _f(
+        SHAPES_DATASET, "'fedbip-shapes' (bundled), 'imagefolder' (data-dir / node's data-dir) or an HF id"
+    )
     data_dir: str = _f("", "imagefolder root (holding train/metadata.csv) used in simulation")
     domains: str = _f("medical,satellite,thermal,chalkboard", "fedbip-shapes: comma-separated client styles")
     per_class: int = _f(48, "fedbip-shapes: images per class and domain", lo=2)
@@ -41,7 +43,7 @@ class DataConfig:
     alpha: float = _f(0.5, "Dirichlet concentration for partition-by='dirichlet'", lo=1e-4)
     shots: int = _f(16, "few-shot training images per class per client", lo=1)
     max_test_per_class: int = _f(64, "cap on each class's held-out test images per client", lo=1)
-    preset: str = _f("natural", "prompt preset: natural / medical / satellite", ("natural", "medical", "satellite"))  # fmt: skip
+    preset: str = _f("natural", "prompt preset: natural / medical / satellite", ("natural", "medical", "satellite"))
 
 
 @dataclass(frozen=True)
@@ -49,17 +51,21 @@ class ClientConfig:
     template: str = _f("", "prompt template with [S] and [V]; empty = the data preset's template")
     n_s: int = _f(1, "tokens in the domain concept S", lo=1, hi=8)
     n_v: int = _f(1, "tokens per class concept V", lo=1, hi=8)
-    injection: str = _f("input", "where S/V enter: text-encoder input (paper) or output (authors' code)", ("input", "output"))
+    injection: str = _f(
+        "input", "where S/V enter: text-encoder input (paper) or output (authors' code)", ("input", "output")
+    )
     init: str = _f("word", "concept initialisation: natural-word embeddings or random", ("word", "random"))
     steps: int = _f(120, "optimisation steps of S and V", lo=0)
     batch_size: int = _f(32, "images per optimisation step", lo=1)
     lr: float = _f(0.01, "Adam step size of S and V, relative to the RMS of their initial vectors", lo=0.0)
-    timestep: int = _f(0, "noise timestep T of the uploaded latents; 0 = the server's first inference timestep", lo=0, hi=999)
+    timestep: int = _f(
+        0, "noise timestep T of the uploaded latents; 0 = the server's first inference timestep", lo=0, hi=999
+    )
     interpolate: bool = _f(True, "mix each latent with a same-class partner (instance level)")
     gamma_mean: float = _f(0.5, "mean of the interpolation weight gamma", lo=0.0, hi=1.0)
     gamma_std: float = _f(0.1, "std of gamma (clipped to [0, 1])", lo=0.0)
     upload_latents: bool = _f(True, "upload the noised latents (off = concept level only)")
-    device: str = _f("auto", "client torch device", ("auto", "cpu", "cuda", "mps"))  # fmt: skip
+    device: str = _f("auto", "client torch device", ("auto", "cpu", "cuda", "mps"))
 
 
 @dataclass(frozen=True)
@@ -67,13 +73,15 @@ class ServerConfig:
     inference_steps: int = _f(5, "DDIM steps of the full schedule (its first timestep is the default T)", lo=1, hi=1000)
     guidance_scale: float = _f(3.0, "classifier-free guidance scale", lo=0.0)
     ddim_eta: float = _f(0.0, "DDIM eta (0 = deterministic)", lo=0.0, hi=1.0)
-    concept_noise: float = _f(0.1, "std of the per-image noise added to S, relative to the RMS of the uploaded S and V", lo=0.0)
+    concept_noise: float = _f(
+        0.1, "std of the per-image noise added to S, relative to the RMS of the uploaded S and V", lo=0.0
+    )
     multiplier: int = _f(1, "synthetic images per uploaded latent (FedBiP-S/M/L = 1/5/10)", lo=1, hi=100)
     batch_size: int = _f(64, "images per synthesis batch", lo=1)
     round_timeout: float = _f(1800.0, "seconds to wait for the clients' replies", lo=1.0)
     wait_timeout: float = _f(300.0, "seconds to wait for min-clients nodes to connect", lo=0.0)
     max_upload_mb: float = _f(512.0, "reject a client upload larger than this", lo=0.001)
-    max_images: int = _f(100000, "reject a client upload with more latents than this", lo=1)  # fmt: skip
+    max_images: int = _f(100000, "reject a client upload with more latents than this", lo=1)
 
 
 @dataclass(frozen=True)
@@ -82,24 +90,28 @@ class ClassifierConfig:
     stem: str = _f("imagenet", "ResNet stem: ImageNet 7x7/2 + maxpool, or CIFAR 3x3/1", ("imagenet", "cifar"))
     pretrained: str = _f("", "path to ImageNet weights (.pth / .safetensors); empty = random init")
     epochs: int = _f(15, "training epochs (used when steps = 0)", lo=1)
-    steps: int = _f(0, "SGD steps whatever the set size (0 = epochs x batches); equal steps compare methods fairly", lo=0)
+    steps: int = _f(
+        0, "SGD steps whatever the set size (0 = epochs x batches); equal steps compare methods fairly", lo=0
+    )
     batch_size: int = _f(64, "batch size", lo=1)
     lr: float = _f(0.02, "SGD peak learning rate (one-cycle schedule)", lo=0.0)
     momentum: float = _f(0.9, "SGD momentum", lo=0.0, hi=1.0)
     weight_decay: float = _f(5e-4, "SGD weight decay", lo=0.0)
-    augment: bool = _f(True, "random crop + flip augmentation")  # fmt: skip
+    augment: bool = _f(True, "random crop + flip augmentation")
 
 
 @dataclass(frozen=True)
 class FedBiPConfig:
     seed: int = _f(0, "fixes partitions, few-shot selection, noise and synthesis")
     min_clients: int = _f(4, "clients to wait for; fewer good replies stop the run", lo=1)
-    output_dir: str = _f("outputs", "folder for run outputs (one sub-folder per run); use an absolute path in deployment")
+    output_dir: str = _f(
+        "outputs", "folder for run outputs (one sub-folder per run); use an absolute path in deployment"
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # fmt: skip
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedBiPConfig:
@@ -138,9 +150,7 @@ def _coerce(key: str, value: Any, typ: type, meta: dict) -> Any:
         else:
             raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
     elif typ is int:
-        if isinstance(value, bool) or not (
-            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        ):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
         out = int(value)
     elif typ is float:
@@ -174,9 +184,7 @@ def _build(cls: type, flat: dict[str, Any], prefix: str):
             kwargs[f.name] = _coerce(key, flat.pop(key), typ, dict(f.metadata))
     if prefix == "" and flat:
         known = sorted(FedBiPConfig().to_run_config())
-        raise ConfigError(
-            f"unknown config key(s): {', '.join(sorted(flat))}; known keys: {', '.join(known)}"
-        )
+        raise ConfigError(f"unknown config key(s): {', '.join(sorted(flat))}; known keys: {', '.join(known)}")
     obj = cls(**kwargs)
     if prefix == "":
         _check_cross(obj)
@@ -197,10 +205,7 @@ def _check_cross(cfg: FedBiPConfig) -> None:
         if bad:
             raise ConfigError(f"config key 'data.domains': unknown style(s) {bad}; known: {list(STYLES)}")
         if cfg.data.resolution not in SUPPORTED_RESOLUTIONS:
-            raise ConfigError(
-                f"config key 'data.resolution': fedbip-shapes renders at {SUPPORTED_RESOLUTIONS}"
-            )
-
+            raise ConfigError(f"config key 'data.resolution': fedbip-shapes renders at {SUPPORTED_RESOLUTIONS}")
 
 
 def config_table() -> str:
@@ -216,8 +221,12 @@ def config_table() -> str:
                 walk(hints[f.name], key + ".")
                 continue
             val = defaults[key]
-            shown = ("true" if val else "false") if isinstance(val, bool) else repr(val) if isinstance(val, str) else val
-            meaning = f.metadata["help"] + (f" ({' / '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else "")
+            shown = (
+                ("true" if val else "false") if isinstance(val, bool) else repr(val) if isinstance(val, str) else val
+            )
+            meaning = f.metadata["help"] + (
+                f" ({' / '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
+            )
             rows.append(f"| `{key}` | `{shown}` | {meaning} |")
 
     walk(FedBiPConfig, "")
@@ -226,18 +235,20 @@ def config_table() -> str:
 
 def config_page() -> str:
     """docs/configuration.md, generated: ``python -m fedbip_flower.config > docs/configuration.md``."""
-    return "\n".join([
-        "# Configuration",
-        "",
-        "Every key of `[tool.flwr.app.config]` in pyproject.toml, with its default. Override any of",
-        "them with `flwr run ... --run-config \"key=value ...\"` or `bash scripts/main.sh --run-config",
-        "\"...\"`. Unknown keys and bad values stop the run before any work, with a message naming",
-        "the key. This page is generated by `python -m fedbip_flower.config > docs/configuration.md`",
-        "(a test checks that it is current).",
-        "",
-        config_table(),
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "# Configuration",
+            "",
+            "Every key of `[tool.flwr.app.config]` in pyproject.toml, with its default. Override any of",
+            'them with `flwr run ... --run-config "key=value ..."` or `bash scripts/main.sh --run-config',
+            '"..."`. Unknown keys and bad values stop the run before any work, with a message naming',
+            "the key. This page is generated by `python -m fedbip_flower.config > docs/configuration.md`",
+            "(a test checks that it is current).",
+            "",
+            config_table(),
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

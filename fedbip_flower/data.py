@@ -109,9 +109,14 @@ def _dirichlet(ds, cfg: DataConfig, node: NodeConfig, seed: int):
     from flwr_datasets.partitioner import DirichletPartitioner
 
     part = DirichletPartitioner(
-        num_partitions=node.num_partitions, partition_by="label", alpha=cfg.alpha,
-        min_partition_size=2, self_balancing=False, shuffle=True, seed=seed,
-    )  # fmt: skip
+        num_partitions=node.num_partitions,
+        partition_by="label",
+        alpha=cfg.alpha,
+        min_partition_size=2,
+        self_balancing=False,
+        shuffle=True,
+        seed=seed,
+    )
     part.dataset = ds
     return part.load_partition(node.partition_id)
 
@@ -228,12 +233,13 @@ def split_few_shot(ds, class_names: list[str], cfg: DataConfig, seed: int) -> Cl
     return ClientData(
         train_images=_to_tensor(ds.select(train)["image"], cfg.resolution),
         train_labels=torch.from_numpy(labels[train]),
-        test_images=_to_tensor(ds.select(test)["image"], cfg.resolution) if test else
-        torch.zeros(0, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8),
+        test_images=_to_tensor(ds.select(test)["image"], cfg.resolution)
+        if test
+        else torch.zeros(0, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8),
         test_labels=torch.from_numpy(labels[test]),
         class_names=list(class_names),
         domain=domain,
-    )  # fmt: skip
+    )
 
 
 def shrink_imagefolder(src: str | Path, dst: str | Path, resolution: int) -> int:

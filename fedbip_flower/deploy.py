@@ -77,8 +77,14 @@ def site_style(site: int) -> str:
     return SITE_STYLES[(site - 1) % len(SITE_STYLES)]
 
 
-def write_site(out_dir: str | Path, style: str, per_class: int = SITE_PER_CLASS, seed: int = 0,
-               resolution: int = 32, force: bool = False) -> Path:  # fmt: skip
+def write_site(
+    out_dir: str | Path,
+    style: str,
+    per_class: int = SITE_PER_CLASS,
+    seed: int = 0,
+    resolution: int = 32,
+    force: bool = False,
+) -> Path:
     """Write one site's data folder from the bundled benchmark; returns its absolute path.
 
     The default ``per_class`` (24) is the app's default ``data.shots`` (16) plus 8 test
@@ -130,9 +136,11 @@ def split_note(per_class: int, shots: int = APP_SHOTS) -> str:
         return f"with data.shots={shots}: {shots} training + {per_class - shots} test image(s) per class"
     fix = f"use --per-class {shots + SITE_TEST_PER_CLASS} or more"
     if per_class >= 2:
-        fix += f", or run with --run-config \"data.shots={per_class // 2}\""
-    return (f"WARNING: with data.shots={shots} (the app's default) all {per_class} image(s) per class go "
-            f"to training and the site has no test split: its ClientApp will refuse to take part; {fix}")
+        fix += f', or run with --run-config "data.shots={per_class // 2}"'
+    return (
+        f"WARNING: with data.shots={shots} (the app's default) all {per_class} image(s) per class go "
+        f"to training and the site has no test split: its ClientApp will refuse to take part; {fix}"
+    )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -158,9 +166,15 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
-def superlink_commands(state_dir: Path, *, port: int = SUPERLINK_PORT, host: str = "0.0.0.0",
-                       certs_dir: Path | None = None, node_auth: bool = True,
-                       secret: Path | None = None) -> dict[str, list[str]]:  # fmt: skip
+def superlink_commands(
+    state_dir: Path,
+    *,
+    port: int = SUPERLINK_PORT,
+    host: str = "0.0.0.0",
+    certs_dir: Path | None = None,
+    node_auth: bool = True,
+    secret: Path | None = None,
+) -> dict[str, list[str]]:
     """Commands of the SuperLink role: ``superlink`` and ``superexec-serverapp``.
 
     ``certs_dir`` (``ca.crt``, ``server.pem``, ``server.key`` from make-certs.sh) turns on
@@ -174,17 +188,31 @@ def superlink_commands(state_dir: Path, *, port: int = SUPERLINK_PORT, host: str
     if certs_dir is not None:
         certs_dir = Path(certs_dir).resolve()
         ca = _need(certs_dir / "ca.crt", "CA certificate (make-certs.sh)")
-        link += ["--ssl-ca-certfile", str(ca),
-                 "--ssl-certfile", str(_need(certs_dir / "server.pem", "server certificate")),
-                 "--ssl-keyfile", str(_need(certs_dir / "server.key", "server key"))]  # fmt: skip
+        link += [
+            "--ssl-ca-certfile",
+            str(ca),
+            "--ssl-certfile",
+            str(_need(certs_dir / "server.pem", "server certificate")),
+            "--ssl-keyfile",
+            str(_need(certs_dir / "server.key", "server key")),
+        ]
         if node_auth:
             link.append("--enable-supernode-auth")
         execr += ["--root-certificates", str(ca)]
     else:
         link.append("--insecure")
         execr.append("--insecure")
-    link += ["--isolation", "process", "--disable-runtime-dependency-installation",
-             "--host", host, "--port", str(port), "--database", str(state_dir / "state.db")]  # fmt: skip
+    link += [
+        "--isolation",
+        "process",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(state_dir / "state.db"),
+    ]
     if secret is not None:
         link += ["--superexec-auth-secret-file", str(Path(secret).resolve())]
         execr += ["--superexec-auth-secret-file", str(Path(secret).resolve())]
@@ -198,9 +226,17 @@ def node_config(site: int, data_dir: Path, num_sites: int = 3) -> str:
     return f"data-dir='{data}' partition-id={site - 1} num-partitions={max(site, num_sites)}"
 
 
-def site_commands(site: int, data_dir: Path, *, superlink: str = f"127.0.0.1:{SUPERLINK_PORT}",
-                  port: int | None = None, root_cert: Path | None = None, key: Path | None = None,
-                  secret: Path | None = None, num_sites: int = 3) -> dict[str, list[str]]:  # fmt: skip
+def site_commands(
+    site: int,
+    data_dir: Path,
+    *,
+    superlink: str = f"127.0.0.1:{SUPERLINK_PORT}",
+    port: int | None = None,
+    root_cert: Path | None = None,
+    key: Path | None = None,
+    secret: Path | None = None,
+    num_sites: int = 3,
+) -> dict[str, list[str]]:
     """Commands of site ``site``: ``supernode-N`` and ``superexec-clientapp-N``.
 
     ``root_cert`` (the SuperLink's ``ca.crt``) turns on TLS to the SuperLink; ``None`` is
@@ -212,8 +248,10 @@ def site_commands(site: int, data_dir: Path, *, superlink: str = f"127.0.0.1:{SU
         raise DeployError(f"site numbers start at 1, got {site}")
     data_dir = Path(data_dir).resolve()
     if not (data_dir / "train" / "metadata.csv").is_file():
-        raise DeployError(f"{data_dir} is not a site data folder (no train/metadata.csv); "
-                          "make one with scripts/deploy/make-site-data.sh")  # fmt: skip
+        raise DeployError(
+            f"{data_dir} is not a site data folder (no train/metadata.csv); "
+            "make one with scripts/deploy/make-site-data.sh"
+        )
     port = port or SITE_PORT_BASE + site
     node = [str(BIN / "flower-supernode")]
     if root_cert is not None:
@@ -222,8 +260,18 @@ def site_commands(site: int, data_dir: Path, *, superlink: str = f"127.0.0.1:{SU
         node.append("--insecure")
     if key is not None:
         node += ["--auth-supernode-private-key", str(_need(Path(key).resolve(), "SuperNode private key"))]
-    node += ["--superlink", superlink, "--isolation", "process", "--host", "127.0.0.1", "--port", str(port),
-             "--node-config", node_config(site, data_dir, num_sites)]  # fmt: skip
+    node += [
+        "--superlink",
+        superlink,
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--node-config",
+        node_config(site, data_dir, num_sites),
+    ]
     execr = [str(BIN / "flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{port}"]
     if secret is not None:
         node += ["--superexec-auth-secret-file", str(Path(secret).resolve())]
@@ -246,8 +294,9 @@ def cli_home(deploy_dir: Path = DEFAULT_DEPLOY_DIR) -> Path:
 def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     """One ``flwr`` CLI call, never longer than ``timeout`` seconds (then DeployError)."""
     try:
-        return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True,
-                              timeout=timeout, check=False)  # fmt: skip
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired as err:
         raise DeployError(f"`flwr {' '.join(args[:2])}` did not answer in {timeout:.0f} s") from err
 
@@ -262,8 +311,9 @@ def register_node(public_key: Path, connection: str, env: dict[str, str], name: 
         data = json.loads(res.stdout)
         return int(data["node-id"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise DeployError(f"`flwr supernode register {public_key}` failed ({res.returncode}):\n"
-                          f"{res.stdout}{res.stderr}") from err  # fmt: skip
+        raise DeployError(
+            f"`flwr supernode register {public_key}` failed ({res.returncode}):\n{res.stdout}{res.stderr}"
+        ) from err
 
 
 def supernodes(connection: str, env: dict[str, str], timeout: float = 60) -> list[dict]:
@@ -297,8 +347,13 @@ def wait_online(connection: str, env: dict[str, str], count: int, timeout: float
 
 # ----------------------------------------------------------------------------- running roles
 @contextlib.contextmanager
-def start_role(commands: dict[str, list[str]], env: dict[str, str], role_dir: Path,
-               ports: dict[str, int] | None = None, startup_timeout: float = 60.0) -> Iterator[Processes]:  # fmt: skip
+def start_role(
+    commands: dict[str, list[str]],
+    env: dict[str, str],
+    role_dir: Path,
+    ports: dict[str, int] | None = None,
+    startup_timeout: float = 60.0,
+) -> Iterator[Processes]:
     """Start a role's processes in order (waiting for each listed port); stop all on exit."""
     role_dir = Path(role_dir).resolve()
     (role_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -361,11 +416,12 @@ class _LogTail:
                 print(f"[{name}] {line}", flush=True)
 
 
-def serve(commands: dict[str, list[str]], env: dict[str, str], role_dir: Path,
-          ports: dict[str, int] | None = None) -> int:  # fmt: skip
+def serve(
+    commands: dict[str, list[str]], env: dict[str, str], role_dir: Path, ports: dict[str, int] | None = None
+) -> int:
     """Run a role in the foreground until Ctrl-C / SIGTERM or until one process exits."""
 
-    def _term(signum, frame):  # noqa: ARG001
+    def _term(signum, frame):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _term)
@@ -436,27 +492,45 @@ class Deployment:
     # -- roles
     def start_superlink(self) -> Processes:
         role = self.root / "superlink"
-        cmds = superlink_commands(role, port=self.port, host="127.0.0.1",
-                                  certs_dir=self.certs if self.tls else None,
-                                  secret=ensure_secret(role / "superexec.secret"))  # fmt: skip
+        cmds = superlink_commands(
+            role,
+            port=self.port,
+            host="127.0.0.1",
+            certs_dir=self.certs if self.tls else None,
+            secret=ensure_secret(role / "superexec.secret"),
+        )
         self.link = self.stack.enter_context(start_role(cmds, role_env(role), role, {"superlink": self.port}))
-        write_connection(self.root / "flwr-home", self.connection, self.address,
-                         str(self.certs / "ca.crt") if self.tls else None)  # fmt: skip
+        write_connection(
+            self.root / "flwr-home", self.connection, self.address, str(self.certs / "ca.crt") if self.tls else None
+        )
         return self.link
 
     def register(self, site: int) -> int:
         return register_node(self.key(site).with_suffix(".pub"), self.connection, self.cli_env, f"site-{site}")
 
-    def start_site(self, site: int, data_dir: Path, key: Path | None = None, port: int | None = None,
-                   num_sites: int = 3, wait: bool = True) -> Processes:  # fmt: skip
+    def start_site(
+        self,
+        site: int,
+        data_dir: Path,
+        key: Path | None = None,
+        port: int | None = None,
+        num_sites: int = 3,
+        wait: bool = True,
+    ) -> Processes:
         """Start site ``site`` (its own stack, so it can be stopped alone)."""
         self.stop_site(site)
         role = self.root / f"site-{site}"
         port = port or free_port()
-        cmds = site_commands(site, data_dir, superlink=self.address, port=port,
-                             root_cert=self.certs / "ca.crt" if self.tls else None,
-                             key=(key or self.key(site)) if self.tls else None,
-                             secret=ensure_secret(role / "superexec.secret"), num_sites=num_sites)  # fmt: skip
+        cmds = site_commands(
+            site,
+            data_dir,
+            superlink=self.address,
+            port=port,
+            root_cert=self.certs / "ca.crt" if self.tls else None,
+            key=(key or self.key(site)) if self.tls else None,
+            secret=ensure_secret(role / "superexec.secret"),
+            num_sites=num_sites,
+        )
         stack = contextlib.ExitStack()
         ports = {f"supernode-{site}": port} if wait else {}
         try:
@@ -524,16 +598,29 @@ def _script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
     path = scripts_dir() / name
     if not path.is_file():
         raise DeployError(f"{path} not found (the deploy scripts come with the source checkout)")
-    res = subprocess.run(["bash", str(path), *args], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **(env or {})}, check=False)  # fmt: skip
+    res = subprocess.run(
+        ["bash", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
     if res.returncode != 0:
         raise DeployError(f"{name} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
     return res.stdout
 
 
 # ----------------------------------------------------------------------------- checked run
-def checked_run(app: Path, connection: str, env: dict[str, str], output_dir: Path, run_config: str = "",
-                timeout: float = 3600, echo: bool = True) -> tuple[dict, dict]:  # fmt: skip
+def checked_run(
+    app: Path,
+    connection: str,
+    env: dict[str, str],
+    output_dir: Path,
+    run_config: str = "",
+    timeout: float = 3600,
+    echo: bool = True,
+) -> tuple[dict, dict]:
     """``flwr run --stream``, then the real status from ``flwr ls`` and the run's results.json.
 
     Raises LaunchError unless the run is ``finished:completed`` with results.
@@ -553,8 +640,14 @@ def checked_run(app: Path, connection: str, env: dict[str, str], output_dir: Pat
     return run, results
 
 
-def quick_try(app: Path, deploy_dir: Path, num_sites: int = 3, per_class: int = SITE_PER_CLASS,
-              run_config: str = "", timeout: float = 3600) -> int:  # fmt: skip
+def quick_try(
+    app: Path,
+    deploy_dir: Path,
+    num_sites: int = 3,
+    per_class: int = SITE_PER_CLASS,
+    run_config: str = "",
+    timeout: float = 3600,
+) -> int:
     """Insecure loopback try: SuperLink + ``num_sites`` sites on this machine, one run, stop all."""
     deploy_dir = Path(deploy_dir).resolve() / "quick-try"
     sites = []
@@ -589,31 +682,51 @@ def _project_root() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedbip_flower.deploy",
-                                description="FedBiP multi-site deployment helpers (see docs/deployment.md).")  # fmt: skip
-    p.add_argument("--deploy-dir", type=Path, default=DEFAULT_DEPLOY_DIR,
-                   help="deployment folder holding each role's state (default: ./deploy)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m fedbip_flower.deploy",
+        description="FedBiP multi-site deployment helpers (see docs/deployment.md).",
+    )
+    p.add_argument(
+        "--deploy-dir",
+        type=Path,
+        default=DEFAULT_DEPLOY_DIR,
+        help="deployment folder holding each role's state (default: ./deploy)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("make-site-data", help="write a site's data folder from the bundled benchmark",
-                       description="Write OUT_DIR/train/metadata.csv (file_name,label,domain), "
-                       "OUT_DIR/train/<class>/*.png and OUT_DIR/classes.txt from the bundled "
-                       "FedBiP-Shapes benchmark: one style (domain), 10 classes.")  # fmt: skip
+    s = sub.add_parser(
+        "make-site-data",
+        help="write a site's data folder from the bundled benchmark",
+        description="Write OUT_DIR/train/metadata.csv (file_name,label,domain), "
+        "OUT_DIR/train/<class>/*.png and OUT_DIR/classes.txt from the bundled "
+        "FedBiP-Shapes benchmark: one style (domain), 10 classes.",
+    )
     s.add_argument("out_dir", type=Path, help="the site folder (a node config's data-dir)")
-    s.add_argument("style", nargs="?", default=None,
-                   help=f"one of: {', '.join(shapes.STYLES)} (default: site N's held-out style, "
-                   f"N=1..{len(SITE_STYLES)}: {', '.join(SITE_STYLES)})")  # fmt: skip
+    s.add_argument(
+        "style",
+        nargs="?",
+        default=None,
+        help=f"one of: {', '.join(shapes.STYLES)} (default: site N's held-out style, "
+        f"N=1..{len(SITE_STYLES)}: {', '.join(SITE_STYLES)})",
+    )
     s.add_argument("--site", type=int, default=1, help="site number; picks the default style")
-    s.add_argument("--per-class", type=int, default=SITE_PER_CLASS,
-                   help=f"images per class (default {SITE_PER_CLASS}: the app's data.shots={APP_SHOTS} "
-                   f"training + {SITE_TEST_PER_CLASS} test images; use more than data.shots)")  # fmt: skip
+    s.add_argument(
+        "--per-class",
+        type=int,
+        default=SITE_PER_CLASS,
+        help=f"images per class (default {SITE_PER_CLASS}: the app's data.shots={APP_SHOTS} "
+        f"training + {SITE_TEST_PER_CLASS} test images; use more than data.shots)",
+    )
     s.add_argument("--seed", type=int, default=0, help="rendering seed (default 0)")
     s.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
     s.add_argument("--force", action="store_true", help="rewrite an existing folder's train/")
 
-    s = sub.add_parser("shrink-data", help="copy an imagefolder at the pipeline's resolution (lossless PNG)",
-                       description="Copy SRC (train/metadata.csv + images) to DST at --resolution as PNG: "
-                       "it loads to exactly the same tensors at that data.resolution, and is much smaller.")  # fmt: skip
+    s = sub.add_parser(
+        "shrink-data",
+        help="copy an imagefolder at the pipeline's resolution (lossless PNG)",
+        description="Copy SRC (train/metadata.csv + images) to DST at --resolution as PNG: "
+        "it loads to exactly the same tensors at that data.resolution, and is much smaller.",
+    )
     s.add_argument("src", type=Path)
     s.add_argument("dst", type=Path)
     s.add_argument("--resolution", type=int, default=32)
@@ -628,7 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("site", type=int)
     s.add_argument("data_dir", type=Path)
     s.add_argument("--superlink", default=f"127.0.0.1:{SUPERLINK_PORT}", help="SuperLink host:port")
-    s.add_argument("--ca", type=Path, default=None, help="SuperLink CA certificate (default: <deploy-dir>/certs/ca.crt)")
+    s.add_argument(
+        "--ca", type=Path, default=None, help="SuperLink CA certificate (default: <deploy-dir>/certs/ca.crt)"
+    )
     s.add_argument("--key", type=Path, default=None, help="private node key (default: <deploy-dir>/keys/nodeN)")
     s.add_argument("--port", type=int, default=None, help="Runtime API port (default: 9093 + N)")
     s.add_argument("--num-sites", type=int, default=3)
@@ -653,8 +768,12 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("quick-try", help="insecure loopback deployment: 1 SuperLink + N sites, one run, stop")
     s.add_argument("--num-sites", type=int, default=3)
-    s.add_argument("--per-class", type=int, default=SITE_PER_CLASS,
-                   help=f"images per class in each generated site folder (default {SITE_PER_CLASS})")
+    s.add_argument(
+        "--per-class",
+        type=int,
+        default=SITE_PER_CLASS,
+        help=f"images per class in each generated site folder (default {SITE_PER_CLASS})",
+    )
     s.add_argument("--app", type=Path, default=None)
     s.add_argument("--run-config", default="")
     s.add_argument("--timeout", type=float, default=3600)
@@ -665,8 +784,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "make-site-data":
             style = a.style or site_style(a.site)
             out = write_site(a.out_dir, style, a.per_class, a.seed, a.resolution, a.force)
-            print(f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r}; "
-                  f"{split_note(a.per_class)})")  # fmt: skip
+            print(
+                f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r}; "
+                f"{split_note(a.per_class)})"
+            )
             return 0
         if a.cmd == "shrink-data":
             n = shrink_imagefolder(a.src, a.dst, a.resolution)
@@ -675,20 +796,27 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "superlink":
             role = dd / "superlink"
             certs = None if a.insecure else (a.certs or dd / "certs")
-            cmds = superlink_commands(role, port=a.port, host=a.host, certs_dir=certs,
-                                      secret=ensure_secret(role / "superexec.secret"))  # fmt: skip
+            cmds = superlink_commands(
+                role, port=a.port, host=a.host, certs_dir=certs, secret=ensure_secret(role / "superexec.secret")
+            )
             print(f"SuperLink role folder: {role} ({'INSECURE' if a.insecure else 'TLS + SuperNode auth'})", flush=True)
             return serve(cmds, role_env(role), role, {"superlink": a.port})
         if a.cmd == "site":
             role = dd / f"site-{a.site}"
             port = a.port or SITE_PORT_BASE + a.site
             cmds = site_commands(
-                a.site, a.data_dir, superlink=a.superlink, port=port,
+                a.site,
+                a.data_dir,
+                superlink=a.superlink,
+                port=port,
                 root_cert=None if a.insecure else (a.ca or dd / "certs" / "ca.crt"),
                 key=None if a.insecure else (a.key or dd / "keys" / f"node{a.site}"),
-                secret=ensure_secret(role / "superexec.secret"), num_sites=a.num_sites,
-            )  # fmt: skip
-            print(f"site {a.site} role folder: {role}; data {a.data_dir.resolve()}; SuperLink {a.superlink}", flush=True)
+                secret=ensure_secret(role / "superexec.secret"),
+                num_sites=a.num_sites,
+            )
+            print(
+                f"site {a.site} role folder: {role}; data {a.data_dir.resolve()}; SuperLink {a.superlink}", flush=True
+            )
             return serve(cmds, role_env(role), role, {f"supernode-{a.site}": port})
         home = cli_home(dd)
         env = flower_env(home)
@@ -707,8 +835,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "run":
             app = a.app or _project_root()
             try:
-                run, results = checked_run(app, a.connection, env, a.output_dir or dd / "outputs",
-                                           a.run_config, a.timeout)  # fmt: skip
+                run, results = checked_run(
+                    app, a.connection, env, a.output_dir or dd / "outputs", a.run_config, a.timeout
+                )
             except LaunchError as err:
                 print(f"\nFedBiP run FAILED: {err}", file=sys.stderr)
                 return 1

@@ -47,9 +47,10 @@ SKIPPED: Counter = Counter()  # mutations that could not be applied (the record 
 OUTCOMES = ("accepted", "rejected", "guarded", "synth-failed", "crashed")
 _DTYPES = ("float16", "float32", "float64", "int64", "int32", "int8", "uint8", "bool", "object", "<U3", "complex64")
 _CHARS = (
-    list("abcxyz ABC019._-/\\") + ["\x00", "\n", "\r", "\t", "\x1b", "\x7f", "\u0085", "\u200b", "\u202e"]
+    list("abcxyz ABC019._-/\\")
+    + ["\x00", "\n", "\r", "\t", "\x1b", "\x7f", "\u0085", "\u200b", "\u202e"]
     + ["é", "中", "🙂", "\ud800", "[S]", "[V]", "..", "../", "%s", "{}", "\ufffd", "<|endoftext|>"]
-)  # fmt: skip
+)
 
 
 class Source:
@@ -94,8 +95,12 @@ class Model:
 
     @classmethod
     def of(cls, components, resolution: int) -> Model:
-        return cls(components.fingerprint, components.latent_channels, resolution // components.vae_factor,
-                   components.hidden_size)  # fmt: skip
+        return cls(
+            components.fingerprint,
+            components.latent_channels,
+            resolution // components.vae_factor,
+            components.hidden_size,
+        )
 
 
 def honest_payload(model: Model, seed: int, n: int = 6, domain: str = "medical") -> ClientPayload:
@@ -105,12 +110,19 @@ def honest_payload(model: Model, seed: int, n: int = 6, domain: str = "medical")
     labels = torch.arange(n) % min(k, 3)
     classes = labels.unique()
     return ClientPayload(
-        latents=torch.randn(n, model.channels, model.size, model.size, generator=g).half(), labels=labels,
-        s=torch.randn(1, model.hidden, generator=g), v=torch.randn(len(classes), 1, model.hidden, generator=g),
-        v_classes=classes, class_names=list(model.class_names), domain=domain,
-        template="a [S] style of a [V]", timestep=model.timestep, injection="input",
-        model_fingerprint=model.fingerprint, metrics={"loss-first": 0.5, "num-train": float(n)},
-    )  # fmt: skip
+        latents=torch.randn(n, model.channels, model.size, model.size, generator=g).half(),
+        labels=labels,
+        s=torch.randn(1, model.hidden, generator=g),
+        v=torch.randn(len(classes), 1, model.hidden, generator=g),
+        v_classes=classes,
+        class_names=list(model.class_names),
+        domain=domain,
+        template="a [S] style of a [V]",
+        timestep=model.timestep,
+        injection="input",
+        model_fingerprint=model.fingerprint,
+        metrics={"loss-first": 0.5, "num-train": float(n)},
+    )
 
 
 # ----------------------------------------------------------------------------- values
@@ -154,8 +166,11 @@ def _array(src: Source, shape: tuple[int, ...], dtype: str) -> Array:
     np_dtype = np.dtype(dtype)
     if np_dtype.kind == "f":
         data = np.asarray([src.real() for _ in range(min(n, 8))] or [0.0], dtype=np.float64)
-        data = np.resize(data, n).astype(np_dtype, copy=False) if src.integer(0, 1) else (
-            np.random.default_rng(src.integer(0, 2**31)).standard_normal(n).astype(np_dtype))
+        data = (
+            np.resize(data, n).astype(np_dtype, copy=False)
+            if src.integer(0, 1)
+            else (np.random.default_rng(src.integer(0, 2**31)).standard_normal(n).astype(np_dtype))
+        )
     elif np_dtype.kind in "iub":
         data = np.random.default_rng(src.integer(0, 2**31)).integers(-3, 12, n).astype(np_dtype)
     elif np_dtype.kind == "c":
@@ -343,8 +358,21 @@ def _plausible(src: Source, key: str, model: Model) -> Any:
     if key == "model-fingerprint":
         return src.choice([model.fingerprint, model.fingerprint + "x", "", src.text(40)])
     if key == "domain":
-        return src.choice(["../../etc/passwd", "/abs", "a/b\\c", "x\x00y", "é" * 200, "🙂" * 100, "", ".", "..",
-                           "d" * 201, src.text(60)])  # fmt: skip
+        return src.choice(
+            [
+                "../../etc/passwd",
+                "/abs",
+                "a/b\\c",
+                "x\x00y",
+                "é" * 200,
+                "🙂" * 100,
+                "",
+                ".",
+                "..",
+                "d" * 201,
+                src.text(60),
+            ]
+        )
     return _value(src)
 
 
@@ -411,9 +439,17 @@ def m_benign(src: Source, rd: RecordDict, model: Model) -> None:
 
 
 MUTATIONS = (
-    m_drop_record, m_swap_record, m_array_key, m_array_dtype, m_array_shape, m_array_header,
-    m_array_values, m_meta_value, m_metrics, m_string_everywhere,
-)  # fmt: skip
+    m_drop_record,
+    m_swap_record,
+    m_array_key,
+    m_array_dtype,
+    m_array_shape,
+    m_array_header,
+    m_array_values,
+    m_meta_value,
+    m_metrics,
+    m_string_everywhere,
+)
 
 
 def fuzzed_content(src: Source, model: Model, seed: int) -> RecordDict | Error:
@@ -469,9 +505,17 @@ _ids = iter(range(1, 2**62))
 
 def _instruction(nid: int, kind: str = "train") -> Message:
     """A server->node message with the metadata the SuperLink would give it."""
-    md = Metadata(run_id=1, message_id=f"fuzz{next(_ids)}", src_node_id=1, dst_node_id=nid,
-                  reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600,
-                  message_type=kind)  # fmt: skip
+    md = Metadata(
+        run_id=1,
+        message_id=f"fuzz{next(_ids)}",
+        src_node_id=1,
+        dst_node_id=nid,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=kind,
+    )
     return Message(content=RecordDict(), metadata=md)
 
 
@@ -559,8 +603,10 @@ def try_full_round(strategy, model: Model, content: RecordDict | Error, seed: in
     msgs = {nid: _instruction(nid) for nid in (1, 2, 3)}
     strategy.clients = {nid: ClientRecord(nid) for nid in msgs}
     strategy.accepted, strategy.synthetic, strategy._sent = {}, {}, list(msgs.values())
-    replies = [_reply(honest_payload(model, seed + k, domain=d).to_record_dict(), msgs[nid])
-               for k, (nid, d) in enumerate([(1, "medical"), (2, "thermal")])]  # fmt: skip
+    replies = [
+        _reply(honest_payload(model, seed + k, domain=d).to_record_dict(), msgs[nid])
+        for k, (nid, d) in enumerate([(1, "medical"), (2, "thermal")])
+    ]
     replies.append(_reply(content, msgs[3]))
     try:
         arrays, _ = strategy.aggregate_train(1, replies)
@@ -577,17 +623,24 @@ def make_strategy(model_id: str = "bundled", device: str = "cpu", overrides: dic
     from fedbip_flower.strategy import FedBiPStrategy
 
     run_config = {
-        "model.id": model_id, "model.device": device, "min-clients": 2, "server.inference-steps": 2,
-        "server.batch-size": 16, "classifier.epochs": 1, "classifier.batch-size": 16, "server.max-upload-mb": 64.0,
+        "model.id": model_id,
+        "model.device": device,
+        "min-clients": 2,
+        "server.inference-steps": 2,
+        "server.batch-size": 16,
+        "classifier.epochs": 1,
+        "classifier.batch-size": 16,
+        "server.max-upload-mb": 64.0,
         **(overrides or {}),
-    }  # fmt: skip
+    }
     cfg = FedBiPConfig.from_run_config(run_config)
     comps = load_components(cfg.model.id, device, "float32")
     return FedBiPStrategy(cfg, comps, progress=False), Model.of(comps, cfg.data.resolution)
 
 
-def fuzz(replies: int, seed: int = 0, model_id: str = "bundled", full_every: int = 100,
-         progress: bool = False) -> Result:  # fmt: skip
+def fuzz(
+    replies: int, seed: int = 0, model_id: str = "bundled", full_every: int = 100, progress: bool = False
+) -> Result:
     """Fuzz ``replies`` uploads (and as many evaluation replies); returns the counts."""
     strategy, model = make_strategy(model_id)
     src = Source(seed)
@@ -631,18 +684,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replies", type=int, default=2000, help="fuzzed uploads to try (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="bundled", help="model.id of the server (default: the bundled LDM)")
-    p.add_argument("--full-every", type=int, default=100,
-                   help="every N replies, a whole aggregate_train with two honest replies (0: never)")
+    p.add_argument(
+        "--full-every",
+        type=int,
+        default=100,
+        help="every N replies, a whole aggregate_train with two honest replies (0: never)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(io.StringIO()) if a.quiet else contextlib.nullcontext():
         res = fuzz(a.replies, a.seed, a.model, a.full_every, progress=not a.quiet)
     c = res.counts
-    print(f"fuzzed replies: {res.tried} tried, {c['accepted']} accepted, {c['rejected']} rejected, "
-          f"{c['guarded']} caught by the per-client guard, {c['synth-failed']} accepted but not synthesizable, "
-          f"{c['crashed']} crashed; evaluation replies: {dict(res.eval_counts)}; "
-          f"{res.full_rounds} full rounds; {sum(SKIPPED.values())} mutations skipped; {res.seconds:.0f} s")  # fmt: skip
+    print(
+        f"fuzzed replies: {res.tried} tried, {c['accepted']} accepted, {c['rejected']} rejected, "
+        f"{c['guarded']} caught by the per-client guard, {c['synth-failed']} accepted but not synthesizable, "
+        f"{c['crashed']} crashed; evaluation replies: {dict(res.eval_counts)}; "
+        f"{res.full_rounds} full rounds; {sum(SKIPPED.values())} mutations skipped; {res.seconds:.0f} s"
+    )
     for outcome in ("crashed", "synth-failed", "guarded"):
         for ex in res.examples.get(outcome, []):
             print(f"  {outcome}: {ex}")

@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -61,10 +60,14 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
-        HF_DATASETS_OFFLINE=env.get("HF_DATASETS_OFFLINE", "1"), PYTHONUNBUFFERED="1",
-    )  # fmt: skip
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
+        HF_DATASETS_OFFLINE=env.get("HF_DATASETS_OFFLINE", "1"),
+        PYTHONUNBUFFERED="1",
+    )
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -165,10 +168,14 @@ class Processes:
     def _tell_reaper(self, line: str) -> None:
         if self.reaper is None or self.reaper.poll() is not None:
             self.reaper = subprocess.Popen(
-                [sys.executable, "-I", str(Path(__file__).resolve()), "--reap"], stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                [sys.executable, "-I", str(Path(__file__).resolve()), "--reap"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
                 close_fds=True,
-            )  # fmt: skip
+            )
         with contextlib.suppress(OSError, ValueError):
             assert self.reaper.stdin is not None
             self.reaper.stdin.write(line + "\n")
@@ -241,8 +248,15 @@ def write_connection(flwr_home: Path, name: str, address: str, root_cert: str | 
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def flwr_run(app: Path, connection: str, env: dict[str, str], run_config: str = "",
-             federation_config: str = "", timeout: float = 3600, echo: bool = True) -> tuple[int, str]:  # fmt: skip
+def flwr_run(
+    app: Path,
+    connection: str,
+    env: dict[str, str],
+    run_config: str = "",
+    federation_config: str = "",
+    timeout: float = 3600,
+    echo: bool = True,
+) -> tuple[int, str]:
     """``flwr run --stream``; returns (run id, its output). Raises if no run started.
 
     Never blocks past ``timeout``: the CLI's output is read in a thread, and a CLI still
@@ -253,8 +267,15 @@ def flwr_run(app: Path, connection: str, env: dict[str, str], run_config: str = 
         args += ["--federation-config", federation_config]
     if run_config:
         args += ["--run-config", run_config]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     out: list[str] = []
 
     def _read() -> None:
@@ -287,8 +308,7 @@ def flwr_run(app: Path, connection: str, env: dict[str, str], run_config: str = 
         why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {proc.returncode}"
         raise LaunchError(f"`flwr run` started no run ({why}):\n{text[-3000:]}")
     if timed_out:
-        log.warning("`flwr run --stream` still streamed run %s after %.0f s; stopped following it", m.group(1),
-                    timeout)  # fmt: skip
+        log.warning("`flwr run --stream` still streamed run %s after %.0f s; stopped following it", m.group(1), timeout)
     return int(m.group(1)), text
 
 
@@ -304,8 +324,11 @@ def run_status(run_id: int, connection: str, env: dict[str, str], wait: float = 
         try:
             res = subprocess.run(
                 [str(BIN / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-                env=env, capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             data = json.loads(res.stdout)
             run = next(r for r in data.get("runs", []) if int(r.get("run-id")) == run_id)
         except subprocess.TimeoutExpired:
@@ -350,9 +373,16 @@ def print_summary(results: dict) -> int:
     return 0
 
 
-def simulate(app: Path, num_supernodes: int, run_config: str, output_dir: Path,
-             flwr_home: Path | None = None, cpus_per_client: int = 1, timeout: float = 3600,
-             echo: bool = True) -> tuple[dict, dict]:  # fmt: skip
+def simulate(
+    app: Path,
+    num_supernodes: int,
+    run_config: str,
+    output_dir: Path,
+    flwr_home: Path | None = None,
+    cpus_per_client: int = 1,
+    timeout: float = 3600,
+    echo: bool = True,
+) -> tuple[dict, dict]:
     """Run the app in simulation; returns (run record, results.json). Raises on failure."""
     tmp = None
     if flwr_home is None:
@@ -363,10 +393,18 @@ def simulate(app: Path, num_supernodes: int, run_config: str, output_dir: Path,
     write_connection(flwr_home, "fedbip-sim", f"127.0.0.1:{port}")
     try:
         with Processes(env, flwr_home) as procs:
-            link = procs.start("superlink", [
-                str(BIN / "flower-superlink"), "--insecure", "--simulation",
-                "--disable-runtime-dependency-installation", "--port", str(port),
-            ], cwd=flwr_home)  # fmt: skip
+            link = procs.start(
+                "superlink",
+                [
+                    str(BIN / "flower-superlink"),
+                    "--insecure",
+                    "--simulation",
+                    "--disable-runtime-dependency-installation",
+                    "--port",
+                    str(port),
+                ],
+                cwd=flwr_home,
+            )
             wait_for_port(port, link)
             rc = f"output-dir='{output_dir}'" + (f" {run_config}" if run_config else "")
             fed = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
@@ -399,19 +437,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-supernodes", type=int, default=4)
     p.add_argument("--cpus-per-client", type=int, default=1)
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
-    p.add_argument("--run-config", default="", help="extra --run-config overrides, e.g. \"seed=1\"")
+    p.add_argument("--run-config", default="", help='extra --run-config overrides, e.g. "seed=1"')
     p.add_argument("--timeout", type=float, default=3600)
     a = p.parse_args(argv)
     t0 = time.time()
     try:
-        run, results = simulate(a.app or project_root(), a.num_supernodes, a.run_config, a.output_dir,
-                                cpus_per_client=a.cpus_per_client, timeout=a.timeout)  # fmt: skip
+        run, results = simulate(
+            a.app or project_root(),
+            a.num_supernodes,
+            a.run_config,
+            a.output_dir,
+            cpus_per_client=a.cpus_per_client,
+            timeout=a.timeout,
+        )
     except LaunchError as err:
         print(f"\nFedBiP run FAILED: {err}", file=sys.stderr)
         return 1
     code = print_summary(results)
-    print(f"run {run.get('run-id')} {run.get('status')} in {time.time() - t0:.0f} s wall; "
-          f"outputs: {Path(results['results_path']).parent}")  # fmt: skip
+    print(
+        f"run {run.get('run-id')} {run.get('status')} in {time.time() - t0:.0f} s wall; "
+        f"outputs: {Path(results['results_path']).parent}"
+    )
     return code
 
 

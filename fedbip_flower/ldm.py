@@ -140,11 +140,17 @@ def _load(source: str, device: str, dtype_name: str) -> LDMComponents:
     # NHWC convolutions: ~15-30% faster UNet on CPU (oneDNN) and GPU (cuDNN), same results.
     unet.to(memory_format=torch.channels_last)
     return LDMComponents(
-        tokenizer=tok, text_encoder=te, vae=vae, unet=unet,
+        tokenizer=tok,
+        text_encoder=te,
+        vae=vae,
+        unet=unet,
         scheduler=DDIMScheduler.from_config(sched_cfg),
         train_scheduler=DDPMScheduler.from_config(sched_cfg),
-        fingerprint=fp, source=source, device=dev, dtype=dtype,
-    )  # fmt: skip
+        fingerprint=fp,
+        source=source,
+        device=dev,
+        dtype=dtype,
+    )
 
 
 def load_components(model_id: str, device: str = "auto", dtype: str = "auto") -> LDMComponents:

@@ -47,14 +47,14 @@ def judge_net(num_classes: int, width: int = 16) -> torch.nn.Module:
         for _ in range(2):
             layers += [torch.nn.Conv2d(c_in, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c), torch.nn.ReLU(True)]
             c_in = c
-    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c_in, num_classes))
+    return torch.nn.Sequential(
+        *layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c_in, num_classes)
+    )
 
 
 def _sample(comps, styles, per_pair, cfg, seed, words: bool = False):
     """Class-prompted samples of each style, by name or (``words``) by its factor words."""
-    prompts = [
-        PROMPT.format(style=shapes.describe(s) if words else s, cls=c) for s in styles for c in shapes.CLASSES
-    ]  # fmt: skip
+    prompts = [PROMPT.format(style=shapes.describe(s) if words else s, cls=c) for s in styles for c in shapes.CLASSES]
     idx = torch.arange(len(prompts)).repeat_interleave(per_pair)
     x, _ = synthesize_from_prompts(comps, prompts, idx, cfg, seed, desc="LDM samples", progress=False)
     cls = idx % len(shapes.CLASSES)
@@ -86,8 +86,10 @@ class Judges:
     @torch.no_grad()
     def styles_of(self, x: torch.Tensor) -> torch.Tensor:
         self.style.to(self.device).eval()
-        out = [self.style(x[i : i + 512].float().div(127.5).sub(1).to(self.device)).argmax(1).cpu()
-               for i in range(0, len(x), 512)]  # fmt: skip
+        out = [
+            self.style(x[i : i + 512].float().div(127.5).sub(1).to(self.device)).argmax(1).cpu()
+            for i in range(0, len(x), 512)
+        ]
         return torch.cat(out)
 
     def verdict(self, x: torch.Tensor, cls: torch.Tensor, style: str) -> dict:
@@ -110,14 +112,21 @@ def train_judges(seed: int, device, per_class: int = 24, epochs: int = 10) -> Ju
     cls_model, _ = train_classifier(x, y, n_cls, ccfg, seed, device, progress=False, model=judge_net(n_cls))
     sty_model, _ = train_classifier(x, d, n_sty, ccfg, seed, device, progress=False, model=judge_net(n_sty))
     xt, yt, dt = _code_images(list(shapes.STYLES), 4, seed + 200)
-    return Judges(cls_model, sty_model, evaluate(cls_model, xt, yt, device), evaluate(sty_model, xt, dt, device),
-                  device)  # fmt: skip
+    return Judges(
+        cls_model, sty_model, evaluate(cls_model, xt, yt, device), evaluate(sty_model, xt, dt, device), device
+    )
 
 
 def concept_recovery(
-    comps, styles, judges: Judges, client: ClientConfig, sample_cfg: ServerConfig, seed: int = 0,
-    shots: int = 16, grid: Path | None = None,
-) -> dict:  # fmt: skip
+    comps,
+    styles,
+    judges: Judges,
+    client: ClientConfig,
+    sample_cfg: ServerConfig,
+    seed: int = 0,
+    shots: int = 16,
+    grid: Path | None = None,
+) -> dict:
     """How far learned concepts reach: one client per style with ``shots`` images per class
     learns S and V (``client`` settings, concept level only), and its concept-only samples are
     judged beside plain-name prompts and the oracle prompt of the style's true factor words."""
@@ -133,9 +142,13 @@ def concept_recovery(
         imgs, labels, _ = shapes.render_array([style], shots, seed=seed + 500)
         empty = torch.zeros((0, 3, *imgs.shape[1:3]), dtype=torch.uint8)
         data = ClientData(
-            torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), empty,
-            torch.zeros(0, dtype=torch.int64), list(shapes.CLASSES), style,
-        )  # fmt: skip
+            torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(labels),
+            empty,
+            torch.zeros(0, dtype=torch.int64),
+            list(shapes.CLASSES),
+            style,
+        )
         payload = personalize(comps, data, client, DEFAULT_TEMPLATE, 0, seed + k, progress=False)
         x, y = synthesize_client(comps, payload, sample_cfg, seed + k, progress=False)
         xn, yn, _ = _sample(comps, [style], shots, sample_cfg, seed + k)
@@ -157,14 +170,23 @@ def concept_recovery(
     reach = [v for v in res.values() if not v["out_of_reach"]]
     if reach:
         res["mean_over_client_styles"] = {
-            kind: {m: float(np.mean([v[kind][m] for v in reach])) for m in ("recognised_as_target_style", "class_accuracy")}
+            kind: {
+                m: float(np.mean([v[kind][m] for v in reach])) for m in ("recognised_as_target_style", "class_accuracy")
+            }
             for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")
-        }  # fmt: skip
+        }
     return res
 
 
-def report(model: str, out: Path, seed: int = 0, per_pair: int = 5, steps: int = 20,
-           guidance: float = 3.0, client: ClientConfig | None = None) -> dict:  # fmt: skip
+def report(
+    model: str,
+    out: Path,
+    seed: int = 0,
+    per_pair: int = 5,
+    steps: int = 20,
+    guidance: float = 3.0,
+    client: ClientConfig | None = None,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     comps = load_components(model, "auto", "auto")
@@ -182,19 +204,29 @@ def report(model: str, out: Path, seed: int = 0, per_pair: int = 5, steps: int =
     judges = train_judges(seed, comps.device)
     gen_acc = evaluate(judges.cls, xs_pre, cls_pre, judges.device)
     per_style = {
-        s: evaluate(judges.cls, xs_pre[sty_pre == shapes.STYLES.index(s)], cls_pre[sty_pre == shapes.STYLES.index(s)],
-                    judges.device)
+        s: evaluate(
+            judges.cls,
+            xs_pre[sty_pre == shapes.STYLES.index(s)],
+            cls_pre[sty_pre == shapes.STYLES.index(s)],
+            judges.device,
+        )
         for s in pre
-    }  # fmt: skip
+    }
     pred_pre = judges.styles_of(xs_pre)
     log.info("judges trained (%.0f s); concept recovery", time.time() - t0)
-    recovery = concept_recovery(comps, held, judges, client or ClientConfig(), cfg, seed,
-                                grid=out / "ldm_concept_recovery.png")  # fmt: skip
+    recovery = concept_recovery(
+        comps, held, judges, client or ClientConfig(), cfg, seed, grid=out / "ldm_concept_recovery.png"
+    )
     res = {
         "model": model,
         "fingerprint": comps.fingerprint,
-        "settings": {"seed": seed, "samples_per_prompt": per_pair, "ddim_steps": steps, "guidance": guidance,
-                     "client": asdict(client or ClientConfig())},  # fmt: skip
+        "settings": {
+            "seed": seed,
+            "samples_per_prompt": per_pair,
+            "ddim_steps": steps,
+            "guidance": guidance,
+            "client": asdict(client or ClientConfig()),
+        },
         "generation_accuracy": gen_acc,
         "generation_accuracy_per_style": per_style,
         "class_judge_accuracy_on_code_images": judges.class_ceiling,
@@ -221,22 +253,28 @@ def main(argv: list[str] | None = None) -> None:
     print(f"generation accuracy (class-prompted samples, pretraining styles): {r['generation_accuracy']:.3f}")
     for s, v in r["generation_accuracy_per_style"].items():
         print(f"  {s:<12} {v:.3f}")
-    print(f"class judge on code-rendered test images: {r['class_judge_accuracy_on_code_images']:.3f}; "
-          f"style judge: {r['style_judge_accuracy_on_code_images']:.3f}; pretraining-style prompts "
-          f"recognised as their style: {r['pretraining_prompts_recognised_as_prompted_style']:.3f}")  # fmt: skip
+    print(
+        f"class judge on code-rendered test images: {r['class_judge_accuracy_on_code_images']:.3f}; "
+        f"style judge: {r['style_judge_accuracy_on_code_images']:.3f}; pretraining-style prompts "
+        f"recognised as their style: {r['pretraining_prompts_recognised_as_prompted_style']:.3f}"
+    )
     print("concept recovery (share recognised as the target style / class accuracy):")
     print(f"  {'style':<12} {'learned S, V':>14} {'plain name':>14} {'factor words':>14}")
     for s, v in r["concept_recovery"].items():
         if s == "mean_over_client_styles":
             continue
-        cells = [f"{v[k]['recognised_as_target_style']:.2f} / {v[k]['class_accuracy']:.2f}"
-                 for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")]  # fmt: skip
+        cells = [
+            f"{v[k]['recognised_as_target_style']:.2f} / {v[k]['class_accuracy']:.2f}"
+            for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")
+        ]
         tag = " (out of reach)" if v["out_of_reach"] else ""
         print(f"  {s:<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}{tag}")
     m = r["concept_recovery"].get("mean_over_client_styles")
     if m:
-        cells = [f"{m[k]['recognised_as_target_style']:.2f} / {m[k]['class_accuracy']:.2f}"
-                 for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")]  # fmt: skip
+        cells = [
+            f"{m[k]['recognised_as_target_style']:.2f} / {m[k]['class_accuracy']:.2f}"
+            for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")
+        ]
         print(f"  {'mean':<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}  (client styles)")
     print(f"written to {a.output}/ldm_report.json ({r['seconds']} s)")
 

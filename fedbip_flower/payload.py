@@ -246,7 +246,7 @@ def validate_reply(content: RecordDict, exp: Expected) -> ClientPayload:
         )
     if latents.numel() and latents.abs().max() > 1e3:
         raise PayloadError("latent values out of range")
-    if (labels.min() < 0 or labels.max() >= len(names)):
+    if labels.min() < 0 or labels.max() >= len(names):
         raise PayloadError(f"label ids outside [0, {len(names)})")
     if not (1 <= s.shape[0] <= exp.max_tokens) or s.shape[1] != exp.hidden_size:
         raise PayloadError(f"s has shape {tuple(s.shape)}, expected (1..{exp.max_tokens}, {exp.hidden_size})")
@@ -262,16 +262,27 @@ def validate_reply(content: RecordDict, exp: Expected) -> ClientPayload:
     if max(s.abs().max().item(), v.abs().max().item()) > 1e4:
         raise PayloadError("concept vectors out of range")
     payload = ClientPayload(
-        latents=latents, labels=labels, s=s, v=v, v_classes=v_classes, class_names=list(names),
-        domain=domain, template=template, timestep=timestep, injection=injection,
-        model_fingerprint=fp, metrics=metrics,
-    )  # fmt: skip
+        latents=latents,
+        labels=labels,
+        s=s,
+        v=v,
+        v_classes=v_classes,
+        class_names=list(names),
+        domain=domain,
+        template=template,
+        timestep=timestep,
+        injection=injection,
+        model_fingerprint=fp,
+        metrics=metrics,
+    )
     if exp.tokenizer is not None:
         try:
             prompt_layout(exp.tokenizer, payload)
         except Exception as err:  # whatever the tokenizer makes of hostile text
-            raise PayloadError(f"the prompts cannot be laid out with the server's tokenizer: "
-                               f"{type(err).__name__}: {safe_text(str(err), 400)}") from err  # fmt: skip
+            raise PayloadError(
+                f"the prompts cannot be laid out with the server's tokenizer: "
+                f"{type(err).__name__}: {safe_text(str(err), 400)}"
+            ) from err
     return payload
 
 
@@ -280,6 +291,10 @@ def prompt_layout(tokenizer, payload: ClientPayload):
     from fedbip_flower.embeddings import build_layout
 
     return build_layout(
-        tokenizer, payload.template, payload.s.shape[0], payload.v.shape[1], payload.domain,
+        tokenizer,
+        payload.template,
+        payload.s.shape[0],
+        payload.v.shape[1],
+        payload.domain,
         [payload.class_names[int(c)] for c in payload.v_classes],
-    )  # fmt: skip
+    )

@@ -63,9 +63,13 @@ def interpolation_partners(labels: torch.Tensor, gen: torch.Generator) -> torch.
 
 
 def noised_latents(
-    z0: torch.Tensor, labels: torch.Tensor, timestep: int, alphas_cumprod: torch.Tensor,
-    cfg: ClientConfig, gen: torch.Generator,
-) -> torch.Tensor:  # fmt: skip
+    z0: torch.Tensor,
+    labels: torch.Tensor,
+    timestep: int,
+    alphas_cumprod: torch.Tensor,
+    cfg: ClientConfig,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """Instance level: interpolate with a same-class partner, forward-diffuse to T, fp16."""
     if cfg.interpolate:
         partner = interpolation_partners(labels, gen)
@@ -90,9 +94,14 @@ def _target(scheduler, z0, eps, t):
 
 
 def train_concepts(
-    components: LDMComponents, z0: torch.Tensor, labels: torch.Tensor, concepts: Concepts,
-    cfg: ClientConfig, gen: torch.Generator, progress: bool = True,
-) -> dict[str, float]:  # fmt: skip
+    components: LDMComponents,
+    z0: torch.Tensor,
+    labels: torch.Tensor,
+    concepts: Concepts,
+    cfg: ClientConfig,
+    gen: torch.Generator,
+    progress: bool = True,
+) -> dict[str, float]:
     """Optimise ``concepts`` (their offsets, in place) with the LDM's diffusion loss.
 
     ``labels`` are the class ids of ``z0``; each must be one of ``concepts.classes``.
@@ -149,10 +158,16 @@ def train_concepts(
 
 
 def personalize(
-    components: LDMComponents, data: ClientData, cfg: ClientConfig, template: str,
-    timestep: int, seed: int, progress: bool = True, domain_word: str | None = None,
+    components: LDMComponents,
+    data: ClientData,
+    cfg: ClientConfig,
+    template: str,
+    timestep: int,
+    seed: int,
+    progress: bool = True,
+    domain_word: str | None = None,
     learn_domain: bool = True,
-) -> ClientPayload:  # fmt: skip
+) -> ClientPayload:
     """Run FedBiP's bi-level personalization on one client's few-shot data.
 
     ``domain_word`` (default: the client's domain name) fills the [S] slot and initialises
@@ -164,11 +179,16 @@ def personalize(
     classes = labels.unique()  # sorted class ids present on this client
     z0 = encode_images(components, data.train_images)
     layout = embeddings.build_layout(
-        components.tokenizer, template, cfg.n_s, cfg.n_v, domain_word or data.domain,
+        components.tokenizer,
+        template,
+        cfg.n_s,
+        cfg.n_v,
+        domain_word or data.domain,
         [data.class_names[int(c)] for c in classes],
-    )  # fmt: skip
-    concepts = Concepts.initialise(components.text_encoder, layout, cfg.injection, cfg.init, gen, classes,
-                                   learn_domain=learn_domain)  # fmt: skip
+    )
+    concepts = Concepts.initialise(
+        components.text_encoder, layout, cfg.injection, cfg.init, gen, classes, learn_domain=learn_domain
+    )
     stats = train_concepts(components, z0, labels, concepts, cfg, gen, progress)
     s, v = concepts.vectors()
     if cfg.upload_latents:
@@ -181,8 +201,16 @@ def personalize(
     loss = f"loss {stats['loss-first']:.4f} -> {stats['loss-last']:.4f}" if cfg.steps else "no concept steps"
     log.info("client %s: %d images, %s, %.1f s", data.domain, len(labels), loss, stats["client-seconds"])
     return ClientPayload(
-        latents=zt, labels=labels, s=s, v=v, v_classes=classes.to(torch.int64),
-        class_names=list(data.class_names), domain=data.domain, template=template,
-        timestep=int(timestep), injection=cfg.injection,
-        model_fingerprint=components.fingerprint, metrics=stats,
-    )  # fmt: skip
+        latents=zt,
+        labels=labels,
+        s=s,
+        v=v,
+        v_classes=classes.to(torch.int64),
+        class_names=list(data.class_names),
+        domain=data.domain,
+        template=template,
+        timestep=int(timestep),
+        injection=cfg.injection,
+        model_fingerprint=components.fingerprint,
+        metrics=stats,
+    )

@@ -74,9 +74,11 @@ def build_clip_tokenizer(max_length: int = 32):
     (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = CLIPTokenizer(
-        str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=max_length,
+        str(tmp / "vocab.json"),
+        str(tmp / "merges.txt"),
+        model_max_length=max_length,
         pad_token="<|endoftext|>",
-    )  # fmt: skip
+    )
     shutil.rmtree(tmp)
     ids = tok("a photo of a dog").input_ids
     if ids != [49406, 320, 1125, 539, 320, 1929, 49407]:
@@ -104,24 +106,41 @@ def build_models(hidden: int = 32, resolution: int = 32):
 
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 4,
-            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
         )
-    )  # fmt: skip
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-        norm_num_groups=16, sample_size=resolution, mid_block_add_attention=False,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=resolution,
+        mid_block_add_attention=False,
+    )
     unet = UNet2DConditionModel(
-        sample_size=resolution // 2, in_channels=4, out_channels=4,
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=hidden,
-        attention_head_dim=8, norm_num_groups=16,
-    )  # fmt: skip
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=hidden,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
     return text_encoder, vae, unet
 
 
@@ -129,10 +148,14 @@ def build_schedulers():
     from diffusers import DDIMScheduler, DDPMScheduler
 
     kw = dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="epsilon",
         steps_offset=1,
-    )  # fmt: skip
+    )
     return DDPMScheduler(**kw), DDIMScheduler(set_alpha_to_one=False, **kw)
 
 
@@ -215,10 +238,15 @@ def save_pipeline(out: Path, tokenizer, text_encoder, vae, unet, scheduler, meta
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae).half(), text_encoder=text_encoder, tokenizer=tokenizer,
-        unet=copy.deepcopy(unet).half(), scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=copy.deepcopy(vae).half(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -233,8 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
     p.add_argument("--per-class", type=int, default=70, help="images per class and style")
-    p.add_argument("--describe", type=float, default=0.5,
-                   help="share of captions naming the style by its factor words instead of its name")
+    p.add_argument(
+        "--describe",
+        type=float,
+        default=0.5,
+        help="share of captions naming the style by its factor words instead of its name",
+    )
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae-batch", type=int, default=48)
     p.add_argument("--vae-lr", type=float, default=2e-3)
@@ -248,8 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=32, help="text encoder width")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument("--tokenizer", default="", help="pipeline folder holding SD v1's tokenizer "
-                   "(default: build it from open_clip's BPE vocabulary)")  # fmt: skip
+    p.add_argument(
+        "--tokenizer",
+        default="",
+        help="pipeline folder holding SD v1's tokenizer (default: build it from open_clip's BPE vocabulary)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -323,11 +358,16 @@ def main(argv: list[str] | None = None) -> None:
             for q, v in zip(params, live, strict=True):
                 q.copy_(v)
         state = {
-            "args": _state_args(a), "step": step, "train_seconds": time.time() - t0,
-            "vae": vae.state_dict(), "unet": unet.state_dict(),
-            "text_encoder": text_encoder.state_dict(), "optimizer": opt.state_dict(),
-            "ema": ema, "generator": gen.get_state(),
-        }  # fmt: skip
+            "args": _state_args(a),
+            "step": step,
+            "train_seconds": time.time() - t0,
+            "vae": vae.state_dict(),
+            "unet": unet.state_dict(),
+            "text_encoder": text_encoder.state_dict(),
+            "optimizer": opt.state_dict(),
+            "ema": ema,
+            "generator": gen.get_state(),
+        }
         tmp = state_path(a.output).with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(state_path(a.output))
@@ -335,8 +375,7 @@ def main(argv: list[str] | None = None) -> None:
 
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(start, a.unet_steps + 1), desc="UNet", unit="step", initial=start - 1,
-               total=a.unet_steps)  # fmt: skip
+    bar = tqdm(range(start, a.unet_steps + 1), desc="UNet", unit="step", initial=start - 1, total=a.unet_steps)
     for step in bar:
         idx = torch.randint(0, len(x), (a.batch,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale

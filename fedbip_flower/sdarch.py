@@ -24,21 +24,40 @@ from fedbip_flower.ldm import bundled_model_path
 log = logging.getLogger(__name__)
 
 UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, norm_num_groups=32,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    cross_attention_dim=768,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
+    norm_num_groups=32,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)  # fmt: skip
+)
 VAE = dict(
-    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-)  # fmt: skip
+)
 TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
-    eos_token_id=49407, pad_token_id=1,
-)  # fmt: skip
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
 
 
 def write_sd_v1_4_random(out: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
@@ -50,10 +69,15 @@ def write_sd_v1_4_random(out: Path, seed: int = 0, dtype: torch.dtype = torch.fl
     tok = AutoTokenizer.from_pretrained(src, subfolder="tokenizer")
     tok.model_max_length = 77
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)), tokenizer=tok,
-        unet=UNet2DConditionModel(**UNET), scheduler=DDIMScheduler.from_pretrained(src, subfolder="scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=AutoencoderKL(**VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
+        tokenizer=tok,
+        unet=UNet2DConditionModel(**UNET),
+        scheduler=DDIMScheduler.from_pretrained(src, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to(dtype=dtype)
     pipe.save_pretrained(out, safe_serialization=True)
     n = sum(p.numel() for p in pipe.unet.parameters())

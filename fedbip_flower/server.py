@@ -77,16 +77,25 @@ def json_safe(obj):
     return obj
 
 
-def results_dict(strategy: FedBiPStrategy, cfg: FedBiPConfig, run_id: Any, status: str,
-                 error: str = "") -> dict[str, Any]:  # fmt: skip
+def results_dict(
+    strategy: FedBiPStrategy, cfg: FedBiPConfig, run_id: Any, status: str, error: str = ""
+) -> dict[str, Any]:
     clients = []
     for r in sorted(strategy.clients.values(), key=lambda r: (r.domain, r.node_id)):
-        clients.append({
-            "node_id": r.node_id, "domain": r.domain, "status": r.status, "reason": r.reason,
-            "upload_bytes": r.upload_bytes, "num_images": r.num_images,
-            "accuracy": r.accuracy, "num_test": r.num_test, "evaluation": r.evaluation,
-            "client_metrics": r.client_metrics,
-        })  # fmt: skip
+        clients.append(
+            {
+                "node_id": r.node_id,
+                "domain": r.domain,
+                "status": r.status,
+                "reason": r.reason,
+                "upload_bytes": r.upload_bytes,
+                "num_images": r.num_images,
+                "accuracy": r.accuracy,
+                "num_test": r.num_test,
+                "evaluation": r.evaluation,
+                "client_metrics": r.client_metrics,
+            }
+        )
     scores = strategy.scores()
     return {
         "status": status,
@@ -115,8 +124,10 @@ def unscored_explanation(strategy: FedBiPStrategy, classifier_path: Path | None)
     accepted = sorted((r for r in strategy.clients.values() if r.status == "accepted"), key=lambda r: r.node_id)
     why = "; ".join(f"node {r.node_id} ({r.domain or '?'}): {r.evaluation}" for r in accepted)
     where = f"it is saved at {classifier_path}" if classifier_path else "it could not be saved"
-    text = (f"a classifier was trained on {sum(len(v[1]) for v in strategy.synthetic.values())} synthetic "
-            f"images ({where}), but no accepted site could score it: {why}.")  # fmt: skip
+    text = (
+        f"a classifier was trained on {sum(len(v[1]) for v in strategy.synthetic.values())} synthetic "
+        f"images ({where}), but no accepted site could score it: {why}."
+    )
     if any(r.evaluation == "no test images" for r in accepted):
         text += " A site needs more images per class than data.shots to hold a test split."
     return text
@@ -144,9 +155,13 @@ def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress
         strategy = FedBiPStrategy(cfg, comps, progress=progress)
         record = ConfigRecord(cfg.to_run_config())
         strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(), num_rounds=1,
-            timeout=cfg.server.round_timeout, train_config=record, evaluate_config=record,
-        )  # fmt: skip
+            grid=grid,
+            initial_arrays=ArrayRecord(),
+            num_rounds=1,
+            timeout=cfg.server.round_timeout,
+            train_config=record,
+            evaluate_config=record,
+        )
         strategy.timings["total"] = time.time() - t0
         classifier_path = _write_artifacts(strategy, run_dir)
         scored = strategy.scores()["accepted"]
@@ -160,11 +175,21 @@ def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress
         else:
             log.error("no score for the classifier: %s", error)
         if res["rejected_scores"]:
-            log.info("rejected site(s) scored apart (not in the mean): mean %.4f over %d",
-                     res["rejected_mean_accuracy"], len(res["rejected_scores"]))  # fmt: skip
+            log.info(
+                "rejected site(s) scored apart (not in the mean): mean %.4f over %d",
+                res["rejected_mean_accuracy"],
+                len(res["rejected_scores"]),
+            )
         for c in res["clients"]:
-            log.info("  node %s %-12s %-9s acc=%s upload=%d B %s", c["node_id"], safe_text(c["domain"], 60),
-                     c["status"], c["accuracy"], c["upload_bytes"], c["reason"])  # fmt: skip
+            log.info(
+                "  node %s %-12s %-9s acc=%s upload=%d B %s",
+                c["node_id"],
+                safe_text(c["domain"], 60),
+                c["status"],
+                c["accuracy"],
+                c["upload_bytes"],
+                c["reason"],
+            )
         log.info("results written to %s", run_dir / "results.json")
         return res
     except Exception as err:

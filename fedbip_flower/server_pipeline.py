@@ -74,11 +74,21 @@ def upload_digest(payload: ClientPayload) -> str:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
 
-    add(payload.domain, list(payload.class_names), payload.template, int(payload.timestep),
-        payload.injection, payload.model_fingerprint)  # fmt: skip
-    for name, tensor, dtype in (("latents", payload.latents, torch.float16), ("labels", payload.labels, torch.int64),
-                                ("s", payload.s, torch.float32), ("v", payload.v, torch.float32),
-                                ("v_classes", payload.v_classes, torch.int64)):  # fmt: skip
+    add(
+        payload.domain,
+        list(payload.class_names),
+        payload.template,
+        int(payload.timestep),
+        payload.injection,
+        payload.model_fingerprint,
+    )
+    for name, tensor, dtype in (
+        ("latents", payload.latents, torch.float16),
+        ("labels", payload.labels, torch.int64),
+        ("s", payload.s, torch.float32),
+        ("v", payload.v, torch.float32),
+        ("v_classes", payload.v_classes, torch.int64),
+    ):
         arr = tensor.detach().to("cpu", dtype).contiguous().numpy()
         add(name, str(arr.dtype), tuple(arr.shape), arr.tobytes())
     return h.hexdigest()
@@ -101,19 +111,25 @@ def synthesis_seed(seed: int, position: int) -> int:
     return seed * 1000 + position
 
 
-def synthesize_upload(components: LDMComponents, payload: ClientPayload, cfg: FedBiPConfig, seed: int,
-                      progress: bool = False) -> Synthetic:  # fmt: skip
+def synthesize_upload(
+    components: LDMComponents, payload: ClientPayload, cfg: FedBiPConfig, seed: int, progress: bool = False
+) -> Synthetic:
     """One client's synthetic images and labels (``cfg.server`` settings, seed ``seed``)."""
-    return synthesize_client(components, payload, cfg.server, seed=seed, progress=progress,
-                             desc=f"synthesis {safe_text(payload.domain, 40)}")  # fmt: skip
+    return synthesize_client(
+        components, payload, cfg.server, seed=seed, progress=progress, desc=f"synthesis {safe_text(payload.domain, 40)}"
+    )
 
 
 def build_global_model(
-    components: LDMComponents, uploads: Mapping[K, ClientPayload], cfg: FedBiPConfig, *,
-    progress: bool = False, reject: Callable[[K, str], None] | None = None,
+    components: LDMComponents,
+    uploads: Mapping[K, ClientPayload],
+    cfg: FedBiPConfig,
+    *,
+    progress: bool = False,
+    reject: Callable[[K, str], None] | None = None,
     before_training: Callable[[dict[K, Synthetic]], None] | None = None,
     synthesize: Callable[[K, int], Synthetic] | None = None,
-) -> GlobalModel:  # fmt: skip
+) -> GlobalModel:
     """Validated uploads (any hashable key each, e.g. a node id) -> synthetic set -> classifier.
 
     Steps: synthesize each upload in client order with its seed; drop clients whose images
@@ -173,5 +189,13 @@ def build_global_model(
     t0 = time.time()
     classifier, stats = train_classifier(x, y, num_classes, cfg.classifier, cfg.seed, components.device, progress)
     timings["classifier"] = time.time() - t0
-    return GlobalModel(classifier=classifier, images=x, labels=y, order=kept, synthetic=synthetic,
-                       rejected=rejected, stats=stats, timings=timings)  # fmt: skip
+    return GlobalModel(
+        classifier=classifier,
+        images=x,
+        labels=y,
+        order=kept,
+        synthetic=synthetic,
+        rejected=rejected,
+        stats=stats,
+        timings=timings,
+    )

@@ -62,14 +62,25 @@ def _shape_polygons(name: str) -> list[tuple[np.ndarray, bool]]:
         return [(_regular(10, -math.pi / 2) * r[:, None], True)]
     if name == "cross":
         a, b = 0.32, 1.0
-        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b),
-               (-a, a), (-b, a), (-b, -a), (-a, -a)]  # fmt: skip
+        pts = [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
         return [(np.array(pts, float), True)]
     if name == "ring":
         return [(_regular(64), True), (_regular(64) * 0.55, False)]
     if name == "arrow":
-        pts = [(-1, -0.25), (0.2, -0.25), (0.2, -0.65), (1, 0), (0.2, 0.65), (0.2, 0.25),
-               (-1, 0.25)]  # fmt: skip
+        pts = [(-1, -0.25), (0.2, -0.25), (0.2, -0.65), (1, 0), (0.2, 0.65), (0.2, 0.25), (-1, 0.25)]
         return [(np.array(pts, float), True)]
     if name == "crescent":
         return [(_regular(64), True), (_regular(64) * 0.85 + [0.45, -0.1], False)]
@@ -124,9 +135,7 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     for axis in (0, 1):
         pad = [(r, r) if a == axis else (0, 0) for a in range(3)]
         xp = np.pad(x, pad, mode="edge")
-        x = sum(
-            k[i] * np.take(xp, range(i, i + x.shape[axis]), axis=axis) for i in range(len(k))
-        )
+        x = sum(k[i] * np.take(xp, range(i, i + x.shape[axis]), axis=axis) for i in range(len(k)))
     return x if img.ndim == 3 else x[..., 0]
 
 
@@ -135,8 +144,7 @@ def _hsv(rng: np.random.Generator, s: tuple[float, float], v: tuple[float, float
     i = int(h * 6) % 6
     f = h * 6 - int(h * 6)
     p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
-    return np.array([(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val),
-                     (val, p, q)][i], np.float32)  # fmt: skip
+    return np.array([(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i], np.float32)
 
 
 def _mix(bg: np.ndarray, fg: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -156,8 +164,11 @@ BACKGROUNDS: tuple[str, ...] = ("plain", "cloudy", "patchwork", "vignette", "gri
 DRAWINGS: tuple[str, ...] = ("filled", "outlined", "glowing", "hatched", "shadowed")
 DEGRADATIONS: tuple[str, ...] = ("crisp", "speckled", "blurry", "pixelated", "grainy")
 FACTORS: dict[str, tuple[str, ...]] = {
-    "palette": PALETTES, "background": BACKGROUNDS, "drawing": DRAWINGS, "degradation": DEGRADATIONS,
-}  # fmt: skip
+    "palette": PALETTES,
+    "background": BACKGROUNDS,
+    "drawing": DRAWINGS,
+    "degradation": DEGRADATIONS,
+}
 #: Factor values the pretraining styles never use: a style with one is out of the LDM's reach.
 UNSEEN_VALUES: frozenset[str] = frozenset({"violet"})
 
@@ -201,7 +212,7 @@ def _drawing(name, rng, m, e, light, res):
     if name == "hatched":
         period = rng.uniform(0.11, 0.15)
         ang = rng.uniform(0, math.pi)
-        lines = (np.sin(2 * math.pi * (x * math.cos(ang) + y * math.sin(ang)) / period) > 0.2)
+        lines = np.sin(2 * math.pi * (x * math.cos(ang) + y * math.sin(ang)) / period) > 0.2
         return np.clip(m * lines + e, 0, 1), np.ones_like(m), zero
     if name == "shadowed":
         d = res // 12 + 1
@@ -371,9 +382,11 @@ def render_array(
 
 
 def build_dataset(
-    styles: Sequence[str] = HELDOUT_STYLES, per_class: int = 100, seed: int = 0,
+    styles: Sequence[str] = HELDOUT_STYLES,
+    per_class: int = 100,
+    seed: int = 0,
     resolution: int = 32,
-):  # fmt: skip
+):
     """The benchmark as a Hugging Face ``datasets.Dataset`` (columns image, label, domain).
 
     ``label`` is a ``ClassLabel`` over ``CLASSES``; ``domain`` is the style name, so
@@ -409,6 +422,5 @@ def image_grid(images: Sequence[np.ndarray], rows: int, cols: int, pad: int = 2)
     canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for k, im in enumerate(images[: rows * cols]):
         r, c = divmod(k, cols)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad
-               + c * (w + pad) + w] = im  # fmt: skip
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
     return Image.fromarray(canvas)

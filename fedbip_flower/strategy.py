@@ -117,8 +117,7 @@ class FedBiPStrategy(Strategy):
             nodes = list(grid.get_node_ids())
         if len(nodes) < need:
             raise FedBiPError(
-                f"only {len(nodes)} node(s) connected after {self.cfg.server.wait_timeout:.0f} s; "
-                f"min-clients is {need}"
+                f"only {len(nodes)} node(s) connected after {self.cfg.server.wait_timeout:.0f} s; min-clients is {need}"
             )
         return sorted(nodes)
 
@@ -132,8 +131,9 @@ class FedBiPStrategy(Strategy):
         log.warning("rejected the upload of node %s: %s", node_id, rec.reason)
 
     # ------------------------------------------------------------------ train
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:  # fmt: skip
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
         log.info("sending the personalization instruction to %d node(s)", len(nodes))
         self._t_sent = time.time()
@@ -166,7 +166,7 @@ class FedBiPStrategy(Strategy):
                 self.intake(nid, rep)
             except Exception as err:  # noqa: BLE001 - a hostile reply must not stop the run
                 self._reject(nid, f"unreadable upload: {type(err).__name__}: {err}")
-        for nid, rec in self.clients.items():
+        for nid in self.clients:
             if nid not in seen:
                 self._reject(nid, "no reply before the round timeout (node lost or too slow)")
         self._agree_on_classes()
@@ -201,24 +201,29 @@ class FedBiPStrategy(Strategy):
         self.class_names = list(names)
         for nid, p in list(self.accepted.items()):
             if tuple(p.class_names) != names:
-                self._reject(nid, f"its {len(p.class_names)} class names {p.class_names[:3]}... differ from "
-                                  f"the majority's {len(names)} {list(names[:3])}...")  # fmt: skip
+                self._reject(
+                    nid,
+                    f"its {len(p.class_names)} class names {p.class_names[:3]}... differ from "
+                    f"the majority's {len(names)} {list(names[:3])}...",
+                )
 
     def _require_min_clients(self, stage: str) -> None:
         good = len(self.accepted)
         if good < self.cfg.min_clients:
             reasons = "; ".join(f"node {r.node_id}: {r.reason}" for r in self.clients.values() if r.reason)
-            raise FedBiPError(
-                f"only {good} good upload(s){stage}, min-clients is {self.cfg.min_clients}. {reasons}"
-            )
+            raise FedBiPError(f"only {good} good upload(s){stage}, min-clients is {self.cfg.min_clients}. {reasons}")
 
     def _synthesize_images(self, nid: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Node ``nid``'s synthetic images and labels (raises if its upload cannot make them)."""
         p = self.accepted[nid]
         return synthesize_client(
-            self.components, p, self.cfg.server, seed=seed, progress=self.progress,
+            self.components,
+            p,
+            self.cfg.server,
+            seed=seed,
+            progress=self.progress,
             desc=f"synthesis {safe_text(p.domain, 40)}",
-        )  # fmt: skip
+        )
 
     def synthesize(self, nid: int, seed: int) -> bool:
         """Synthesize node ``nid``'s images; a failure rejects that node only (returns False)."""
@@ -247,9 +252,14 @@ class FedBiPStrategy(Strategy):
         self._require_min_clients("")
         self._t_synthesis = time.time()
         built = build_global_model(
-            self.components, dict(self.accepted), self.cfg, progress=self.progress, reject=self._reject,
-            before_training=self._before_training, synthesize=self._synthesize_images,
-        )  # fmt: skip
+            self.components,
+            dict(self.accepted),
+            self.cfg,
+            progress=self.progress,
+            reject=self._reject,
+            before_training=self._before_training,
+            synthesize=self._synthesize_images,
+        )
         log.info("synthesized %d images in %.1f s", len(built.images), self.timings["synthesis"])
         self.timings["classifier"] = built.timings["classifier"]
         self.classifier = built.classifier
@@ -257,8 +267,9 @@ class FedBiPStrategy(Strategy):
         return ArrayRecord(state_to_cpu(self.classifier)), metrics
 
     # ------------------------------------------------------------------ evaluate
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:  # fmt: skip
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Send the classifier to every instructed node that is still online.
 
         Rejected sites receive it too: they are authenticated members of the federation (a
@@ -306,10 +317,13 @@ class FedBiPStrategy(Strategy):
         scores = self.scores()
         if not scores["accepted"]:
             return None
-        return MetricRecord({
-            "accuracy-mean": scores["mean"], "accuracy-weighted": scores["weighted"],
-            "num-clients": len(scores["accepted"]),
-        })  # fmt: skip
+        return MetricRecord(
+            {
+                "accuracy-mean": scores["mean"],
+                "accuracy-weighted": scores["weighted"],
+                "num-clients": len(scores["accepted"]),
+            }
+        )
 
     def _eval_problem(self, nid: int, what: str) -> None:
         rec = self.clients[nid]
@@ -366,7 +380,13 @@ class FedBiPStrategy(Strategy):
 
     def summary(self) -> None:
         c = self.cfg
-        log.info("FedBiPStrategy: one-shot, min-clients=%d, synthesis x%d, %d DDIM steps, "
-                 "guidance %.1f, classifier %s %d epochs", c.min_clients, c.server.multiplier,
-                 c.server.inference_steps, c.server.guidance_scale, c.classifier.arch,
-                 c.classifier.epochs)  # fmt: skip
+        log.info(
+            "FedBiPStrategy: one-shot, min-clients=%d, synthesis x%d, %d DDIM steps, "
+            "guidance %.1f, classifier %s %d epochs",
+            c.min_clients,
+            c.server.multiplier,
+            c.server.inference_steps,
+            c.server.guidance_scale,
+            c.classifier.arch,
+            c.classifier.epochs,
+        )

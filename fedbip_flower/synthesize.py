@@ -36,9 +36,13 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def synthesize_client(
-    components: LDMComponents, payload: ClientPayload, cfg: ServerConfig, seed: int,
-    progress: bool = True, desc: str = "synthesis",
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    components: LDMComponents,
+    payload: ClientPayload,
+    cfg: ServerConfig,
+    seed: int,
+    progress: bool = True,
+    desc: str = "synthesis",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic images (uint8, M x 3 x H x W) and labels for one client's upload."""
     dev = components.device
     gen = torch.Generator().manual_seed(seed)
@@ -69,10 +73,15 @@ def synthesize_client(
             emb = concepts(components.text_encoder, r, sigma, gen)  # S_hat = S + eta per image
             ddim_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
             images = pipe(
-                latents=z, prompt_embeds=emb, negative_prompt_embeds=uncond,
-                start_timestep=int(start), num_inference_steps=cfg.inference_steps,
-                guidance_scale=cfg.guidance_scale, eta=cfg.ddim_eta, generator=ddim_gen,
-            ).images  # fmt: skip
+                latents=z,
+                prompt_embeds=emb,
+                negative_prompt_embeds=uncond,
+                start_timestep=int(start),
+                num_inference_steps=cfg.inference_steps,
+                guidance_scale=cfg.guidance_scale,
+                eta=cfg.ddim_eta,
+                generator=ddim_gen,
+            ).images
             out_x.append(_to_uint8(images))
             out_y.append(payload.labels[i : i + b].clone())
             bar.update(1)
@@ -82,16 +91,22 @@ def synthesize_client(
 
 @torch.no_grad()
 def synthesize_from_prompts(
-    components: LDMComponents, prompts: list[str], labels: torch.Tensor, cfg: ServerConfig,
-    seed: int, progress: bool = True, desc: str = "zero-shot synthesis",
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    components: LDMComponents,
+    prompts: list[str],
+    labels: torch.Tensor,
+    cfg: ServerConfig,
+    seed: int,
+    progress: bool = True,
+    desc: str = "zero-shot synthesis",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-to-image from fresh noise: one image per label, prompt ``prompts[label]``."""
     dev = components.device
     gen = torch.Generator().manual_seed(seed)
     pipe = build_pipeline(components)
     tok = components.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids  # fmt: skip
+    ids = tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     prompt_embeds = components.text_encoder(ids.to(dev))[0]
     uncond = embeddings.empty_prompt_embeds(components)
     c, size = components.latent_channels, components.unet.config.sample_size
@@ -102,9 +117,14 @@ def synthesize_from_prompts(
         z = torch.randn((len(y), c, size, size), generator=gen)
         ddim_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
         images = pipe(
-            latents=z, prompt_embeds=prompt_embeds[y.to(dev)], negative_prompt_embeds=uncond,
-            start_timestep=start, num_inference_steps=cfg.inference_steps,
-            guidance_scale=cfg.guidance_scale, eta=cfg.ddim_eta, generator=ddim_gen,
-        ).images  # fmt: skip
+            latents=z,
+            prompt_embeds=prompt_embeds[y.to(dev)],
+            negative_prompt_embeds=uncond,
+            start_timestep=start,
+            num_inference_steps=cfg.inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            eta=cfg.ddim_eta,
+            generator=ddim_gen,
+        ).images
         out_x.append(_to_uint8(images))
     return torch.cat(out_x), labels.clone()

@@ -6,6 +6,9 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0
+# Lint and format check first: cheap, and a failure names the file and line.
+ruff check .
+ruff format --check .
 set +e
 python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

@@ -30,29 +30,54 @@ def build_tiny_model(folder, seed: int = 0, hidden: int = 16, max_len: int = 32)
     torch.manual_seed(seed)
     te = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=max_len, bos_token_id=49406,
-            eos_token_id=49407, pad_token_id=49407,
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=max_len,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
         )
-    )  # fmt: skip
+    )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32, mid_block_add_attention=False,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        mid_block_add_attention=False,
+    )
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 16),
-        layers_per_block=1, cross_attention_dim=hidden, attention_head_dim=4, norm_num_groups=4,
-    )  # fmt: skip
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=hidden,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
     _, ddim = build_schedulers()
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=ddim, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=ddim,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(str(folder))
     return str(folder)
 

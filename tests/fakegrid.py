@@ -23,9 +23,17 @@ def set_task_identity() -> None:
 
 def instruction(content: RecordDict, message_type: str, dst: int) -> Message:
     """A server->client message with explicit metadata, as the SuperLink would deliver it."""
-    md = Metadata(run_id=1, message_id=f"m{next(_ids)}", src_node_id=1, dst_node_id=dst,
-                  reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600,
-                  message_type=message_type)  # fmt: skip
+    md = Metadata(
+        run_id=1,
+        message_id=f"m{next(_ids)}",
+        src_node_id=1,
+        dst_node_id=dst,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=message_type,
+    )
     return Message(content=content, metadata=md)
 
 
@@ -36,8 +44,13 @@ class FakeGrid(Grid):
     nodes in ``lost`` never answer.
     """
 
-    def __init__(self, node_configs: dict[int, dict], client_app: Callable,
-                 tamper: dict[int, Callable] | None = None, lost: Iterable[int] = ()):  # fmt: skip
+    def __init__(
+        self,
+        node_configs: dict[int, dict],
+        client_app: Callable,
+        tamper: dict[int, Callable] | None = None,
+        lost: Iterable[int] = (),
+    ):
         self.node_configs = node_configs
         self.client_app = client_app
         self.tamper = tamper or {}

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ConfigRecord, Context, MessageType, RecordDict
 
 from client_app import app as client_module
@@ -31,8 +30,9 @@ def _results(out: Path) -> dict:
 
 def test_client_train_handler_replies_with_one_upload(fast_run_config):
     msg = instruction(RecordDict({"config": ConfigRecord(fast_run_config)}), MessageType.TRAIN, 101)
-    ctx = Context(run_id=1, node_id=101, node_config={"partition-id": 1, "num-partitions": 4},
-                  state=RecordDict(), run_config={})  # fmt: skip
+    ctx = Context(
+        run_id=1, node_id=101, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config={}
+    )
     rep = client_module.app(msg, ctx)
     assert not rep.has_error()
     assert set(rep.content.array_records) == {"upload"}
@@ -44,8 +44,13 @@ def test_client_train_handler_replies_with_one_upload(fast_run_config):
 
 def test_server_main_full_round(fast_run_config, tmp_path):
     grid = FakeGrid(_nodes(2), client_module.app)
-    ctx = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
-                  run_config={**fast_run_config, "output-dir": str(tmp_path)})  # fmt: skip
+    ctx = Context(
+        run_id=7,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={**fast_run_config, "output-dir": str(tmp_path)},
+    )
     server_module.main(grid, ctx)
     res = _results(tmp_path)
     assert res["status"] == "completed"
@@ -78,8 +83,9 @@ def _raw_images(rep):
     return rep
 
 
-@pytest.mark.parametrize(("tamper", "reason"), [(_nan_latents, "NaN"), (_wrong_model, "fingerprint"),
-                                                  (_raw_images, "unexpected array")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("tamper", "reason"), [(_nan_latents, "NaN"), (_wrong_model, "fingerprint"), (_raw_images, "unexpected array")]
+)
 def test_bad_reply_is_rejected_and_the_run_continues(fast_run_config, tmp_path, tamper, reason):
     grid = FakeGrid(_nodes(3), client_module.app, tamper={102: tamper})
     run_server(grid, {**fast_run_config, "output-dir": str(tmp_path)}, run_id=1, progress=False)
@@ -132,8 +138,12 @@ def test_same_seed_same_results(fast_run_config, tmp_path):
     accs = []
     for k in range(2):
         out = tmp_path / str(k)
-        run_server(FakeGrid(_nodes(2), client_module.app), {**fast_run_config, "output-dir": str(out)},
-                   run_id=k, progress=False)  # fmt: skip
+        run_server(
+            FakeGrid(_nodes(2), client_module.app),
+            {**fast_run_config, "output-dir": str(out)},
+            run_id=k,
+            progress=False,
+        )
         res = _results(out)
         accs.append([c["accuracy"] for c in res["clients"]])
         from safetensors.torch import load_file
@@ -151,9 +161,12 @@ def test_no_concept_steps_and_a_site_without_test_images_give_valid_json(fast_ru
     nodes = _nodes(2)
     nodes[101]["data-dir"] = str(write_site(tmp_path / "site", "thermal", per_class=3))
     out = tmp_path / "out"
-    res = run_server(FakeGrid(nodes, client_module.app),
-                     {**fast_run_config, "client.steps": 0, "min-clients": 1, "output-dir": str(out)},
-                     run_id=3, progress=False)  # fmt: skip
+    res = run_server(
+        FakeGrid(nodes, client_module.app),
+        {**fast_run_config, "client.steps": 0, "min-clients": 1, "output-dir": str(out)},
+        run_id=3,
+        progress=False,
+    )
     text = next(out.glob("*/results.json")).read_text()
     assert "NaN" not in text and json.loads(text)["status"] == "completed"
     by_node = {c["node_id"]: c for c in json.loads(text)["clients"]}

@@ -23,8 +23,13 @@ def test_fedavg_weights():
 def test_smoke_benchmark_runs_all_methods(tiny_model, tmp_path):
     extra = {**benchmark.SMOKE, "model.id": tiny_model, "data.domains": "medical,satellite"}
     seen = []
-    run = benchmark.run_setting("shapes-feature", list(benchmark.ALL_METHODS), 0, extra,
-                                on_method=lambda r: seen.append((len(r["methods"]), r["complete"])))  # fmt: skip
+    run = benchmark.run_setting(
+        "shapes-feature",
+        list(benchmark.ALL_METHODS),
+        0,
+        extra,
+        on_method=lambda r: seen.append((len(r["methods"]), r["complete"])),
+    )
     assert set(run["methods"]) == set(benchmark.ALL_METHODS) and run["complete"]
     assert seen == [(k + 1, False) for k in range(len(benchmark.ALL_METHODS))]
     for m, v in run["methods"].items():
@@ -44,9 +49,21 @@ def test_smoke_benchmark_runs_all_methods(tiny_model, tmp_path):
 
 
 def _run(seed, methods, acc, config=None):
-    return {"setting": "s", "seed": seed, "privacy": None, "config": config or {"seed": seed}, "methods": {
-        m: {"accuracy": {"a": acc, "b": acc}, "upload_bytes": [10, 10], "client_seconds": [1.0, 1.0],
-            "server_seconds": 2.0} for m in methods}}  # fmt: skip
+    return {
+        "setting": "s",
+        "seed": seed,
+        "privacy": None,
+        "config": config or {"seed": seed},
+        "methods": {
+            m: {
+                "accuracy": {"a": acc, "b": acc},
+                "upload_bytes": [10, 10],
+                "client_seconds": [1.0, 1.0],
+                "server_seconds": 2.0,
+            }
+            for m in methods
+        },
+    }
 
 
 def test_merge_joins_methods_per_setting_and_seed(tmp_path):

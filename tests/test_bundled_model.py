@@ -22,8 +22,14 @@ def test_bundled_pipeline_loads_offline_and_generates():
     path = bundled_model_path()
     pipe = StableDiffusionPipeline.from_pretrained(str(path))
     assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(pipe.components)
-    out = pipe("a photo style of a star", num_inference_steps=2, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    out = pipe(
+        "a photo style of a star",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (1, 32, 32, 3) and 0 <= out.min() and out.max() <= 1
     card = json.loads((path / "fedbip_model_card.json").read_text())
     assert card["command"].startswith("python -m fedbip_flower.pretrain") and card["unet_steps"] > 0
@@ -45,7 +51,7 @@ def test_weights_are_found_from_an_app_bundle_copy(tmp_path):
     (fab / "fedbip_flower").mkdir(parents=True)
     for f in (ROOT / "fedbip_flower").glob("*.py"):
         (fab / "fedbip_flower" / f.name).write_text(f.read_text())
-    code = ("import fedbip_flower.ldm as l; print(l.__file__); print(l.bundled_model_path())")
+    code = "import fedbip_flower.ldm as l; print(l.__file__); print(l.bundled_model_path())"
     env = {k: v for k, v in os.environ.items() if k != "FEDBIP_BUNDLED_MODEL"}
     env["PYTHONPATH"] = os.pathsep.join([str(fab), str(ROOT)])
     out = subprocess.run([sys.executable, "-c", code], cwd=fab, env=env, capture_output=True, text=True, check=True)

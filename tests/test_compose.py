@@ -150,7 +150,7 @@ def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 def _dockerfile_args(instructions: list[tuple[str, str]]) -> dict[str, str]:
     """Defaults of the ARGs declared after FROM (the ones the build stage sees)."""
-    after_from = instructions[[k for k, _ in instructions].index("FROM") + 1:]
+    after_from = instructions[[k for k, _ in instructions].index("FROM") + 1 :]
     return dict(a.split("=", 1) for k, a in after_from if k == "ARG" and "=" in a)
 
 
@@ -232,9 +232,7 @@ def test_serverapp_superexec(compose: dict) -> None:
 
 
 @pytest.mark.parametrize("site", SITES)
-def test_site_pairs_supernode_with_clientapp_superexec(
-    compose: dict, site: int
-) -> None:
+def test_site_pairs_supernode_with_clientapp_superexec(compose: dict, site: int) -> None:
     services = compose["services"]
     supernode = services[f"supernode-{site}"]
     clientapp = services[f"superexec-clientapp-{site}"]
@@ -267,18 +265,15 @@ def test_site_pairs_supernode_with_clientapp_superexec(
 
 
 def test_each_site_has_a_distinct_data_volume(compose: dict) -> None:
-    sources = [
-        _mounts(compose["services"][f"superexec-clientapp-{n}"])["/data"]["source"]
-        for n in SITES
-    ]
+    sources = [_mounts(compose["services"][f"superexec-clientapp-{n}"])["/data"]["source"] for n in SITES]
     assert len(set(sources)) == len(SITES)
 
 
 def test_dockerfile_builds_on_superexec_image() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
-    assert re.search(r"^ARG FLWR_VERSION=1\.42\.0$", text, re.M)
-    assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M)
-    assert re.search(r"pip install -U --no-cache-dir .* \.( |$)", text, re.M)
+    assert re.search(r"^ARG FLWR_VERSION=1\.42\.0$", text, re.MULTILINE)
+    assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}$", text, re.MULTILINE)
+    assert re.search(r"pip install -U --no-cache-dir .* \.( |$)", text, re.MULTILINE)
     assert 'ENTRYPOINT ["flower-superexec"]' in text
 
 
@@ -294,9 +289,7 @@ def test_base_file_reserves_no_gpu(compose: dict) -> None:
         assert "TORCH_INDEX_URL" not in compose["services"][name]["build"].get("args", {})
 
 
-def test_gpu_overlay_only_adds_gpus_and_the_cuda_build(
-    compose: dict, compose_gpu: dict
-) -> None:
+def test_gpu_overlay_only_adds_gpus_and_the_cuda_build(compose: dict, compose_gpu: dict) -> None:
     assert set(compose_gpu) - {"services"} == {k for k in compose_gpu if k.startswith("x-")}
     assert set(compose_gpu["services"]) == set(SUPEREXECS)
     base_image = compose["services"]["superexec-serverapp"]["image"]
@@ -315,9 +308,7 @@ def test_gpu_overlay_only_adds_gpus_and_the_cuda_build(
         assert service["image"] != base_image and service["image"].endswith("-gpu")
 
 
-def test_gpu_overlay_merged_keeps_every_other_setting(
-    compose: dict, compose_gpu: dict
-) -> None:
+def test_gpu_overlay_merged_keeps_every_other_setting(compose: dict, compose_gpu: dict) -> None:
     merged = _merge(compose, compose_gpu)
     assert set(merged) == set(compose["services"])
     for name, service in merged.items():
@@ -332,9 +323,7 @@ def test_gpu_overlay_merged_keeps_every_other_setting(
         assert rest == {k: v for k, v in base.items() if k not in ("deploy", "build", "image")}
 
 
-def test_gpu_overlay_combines_with_tls(
-    compose: dict, compose_tls: dict, compose_gpu: dict
-) -> None:
+def test_gpu_overlay_combines_with_tls(compose: dict, compose_tls: dict, compose_gpu: dict) -> None:
     """The overlays touch disjoint keys: their order does not matter."""
     assert not any("deploy" in s or "build" in s or "image" in s for s in compose_tls["services"].values())
     tls_then_gpu = _merge({"services": _merge(compose, compose_tls)}, compose_gpu)
@@ -398,8 +387,9 @@ def _compose_command() -> list[str] | None:
         if shutil.which(command[0]) is None:
             continue
         try:
-            result = subprocess.run([*command, "version", "--short"], capture_output=True,
-                                    text=True, timeout=60, check=False)  # fmt: skip
+            result = subprocess.run(
+                [*command, "version", "--short"], capture_output=True, text=True, timeout=60, check=False
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         match = re.match(r"v?(\d+)\.", result.stdout.strip())
@@ -426,8 +416,13 @@ def compose_config(tmp_path_factory: pytest.TempPathFactory):
         files = [arg for path in paths for arg in ("-f", str(path))]
         result = subprocess.run(
             [*command, "--env-file", str(env_file), *files, "config", "--format", "json"],
-            capture_output=True, text=True, timeout=120, check=False, env=env, cwd=DOCKER_DIR,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env=env,
+            cwd=DOCKER_DIR,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return json.loads(result.stdout)["services"]
 
@@ -498,9 +493,7 @@ def test_tls_superlink(compose: dict, compose_tls: dict) -> None:
         assert path in mounts and mounts[path]["read_only"] is True
 
 
-def test_tls_serverapp_superexec_trusts_the_ca(
-    compose: dict, compose_tls: dict
-) -> None:
+def test_tls_serverapp_superexec_trusts_the_ca(compose: dict, compose_tls: dict) -> None:
     service = _merge(compose, compose_tls)["superexec-serverapp"]
     command = service["command"]
     # The SuperLink's Runtime API shares the TLS port: no --insecure here.
@@ -517,9 +510,7 @@ def test_tls_serverapp_superexec_trusts_the_ca(
 
 
 @pytest.mark.parametrize("site", SITES)
-def test_tls_supernode_authenticates(
-    compose: dict, compose_tls: dict, site: int
-) -> None:
+def test_tls_supernode_authenticates(compose: dict, compose_tls: dict, site: int) -> None:
     merged = _merge(compose, compose_tls)
     base_cmd = compose["services"][f"supernode-{site}"]["command"]
     command = merged[f"supernode-{site}"]["command"]
@@ -545,9 +536,7 @@ def test_tls_supernodes_use_distinct_keys(compose: dict, compose_tls: dict) -> N
     assert len(sources) == len(SITES)
 
 
-def test_tls_clientapp_superexecs_stay_on_plain_runtime_api(
-    compose: dict, compose_tls: dict
-) -> None:
+def test_tls_clientapp_superexecs_stay_on_plain_runtime_api(compose: dict, compose_tls: dict) -> None:
     # SuperNodes serve their Runtime API without TLS unless given --ssl-* flags.
     merged = _merge(compose, compose_tls)
     for n in SITES:
@@ -558,9 +547,7 @@ def test_tls_clientapp_superexecs_stay_on_plain_runtime_api(
 # ----------------------------------------------------------------------------
 # (d) Certificate and key scripts
 # ----------------------------------------------------------------------------
-def _run_script(
-    *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
+def _run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", *args],
         capture_output=True,
@@ -574,7 +561,10 @@ def _run_script(
 def _san(openssl: str, cert: Path) -> str:
     text = subprocess.run(
         [openssl, "x509", "-noout", "-text", "-in", str(cert)],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     match = re.search(r"X509v3 Subject Alternative Name:.*?\n\s*(.+)", text)
     assert match, text
@@ -595,7 +585,10 @@ def test_make_certs_default_san(tmp_path: Path) -> None:
     assert "DNS:superlink" in san  # the name SuperNodes/SuperExec dial in compose
     verify = subprocess.run(
         [openssl, "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.pem")],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
@@ -610,7 +603,9 @@ def test_make_certs_custom_san(tmp_path: Path) -> None:
     openssl = _tool("openssl", "install OpenSSL")
     out = tmp_path / "certs"
     result = _run_script(
-        str(MAKE_CERTS), str(out), "IP:10.1.2.3,DNS:link.example.org",
+        str(MAKE_CERTS),
+        str(out),
+        "IP:10.1.2.3,DNS:link.example.org",
         env={"FLWR_CERT_BITS": "2048"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -640,7 +635,10 @@ def test_make_node_keys(tmp_path: Path) -> None:
         assert isinstance(key.curve, ec.SECP384R1)
         fingerprint = subprocess.run(
             [ssh_keygen, "-l", "-f", str(public)],
-            capture_output=True, text=True, check=True, timeout=30,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout
         assert fingerprint.startswith("384 ") and "(ECDSA)" in fingerprint
 

@@ -145,15 +145,22 @@ def test_exported_concepts_load_into_a_diffusers_pipeline(tiny_model, tiny_compo
             ours = concepts(tiny_components.text_encoder, torch.tensor([k]))
         torch.testing.assert_close(emb, ours)
 
-    out = pipe(m["classes"][0]["prompt"], height=32, width=32, num_inference_steps=2, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    out = pipe(
+        m["classes"][0]["prompt"],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
     # One file on its own, with the usual call.
     other = StableDiffusionPipeline.from_pretrained(tiny_model)
     other.load_textual_inversion(str(tmp_path / m["domain_token"]["file"]), token="<mine>")
-    assert torch.equal(other.text_encoder.get_input_embeddings().weight.detach()[other.tokenizer.get_vocab()["<mine>"]],
-                       p.s[0])  # fmt: skip
+    assert torch.equal(
+        other.text_encoder.get_input_embeddings().weight.detach()[other.tokenizer.get_vocab()["<mine>"]], p.s[0]
+    )
 
 
 def test_output_injected_concepts_are_not_exported(tiny_components, tmp_path):

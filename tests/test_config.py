@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from flwr.common.config import flatten_dict
 
 from fedbip_flower.config import ConfigError, FedBiPConfig

@@ -223,14 +223,18 @@ def test_commands_match_the_compose_topology(tmp_path: Path) -> None:
 
     data = write_site(tmp_path / "data" / "site-2", "medical", per_class=1)
     (tmp_path / "node2").write_text("k")
-    cmds = site_commands(2, data, superlink="link.example.org:8443", root_cert=certs / "ca.crt",
-                         key=tmp_path / "node2", secret=secret)  # fmt: skip
+    cmds = site_commands(
+        2, data, superlink="link.example.org:8443", root_cert=certs / "ca.crt", key=tmp_path / "node2", secret=secret
+    )
     node, execr = cmds["supernode-2"], cmds["superexec-clientapp-2"]
     assert _flag(node, "--superlink") == "link.example.org:8443" and "--insecure" not in node
     assert _flag(node, "--auth-supernode-private-key") == str(tmp_path / "node2")
     assert _flag(node, "--isolation") == "process" and _flag(node, "--port") == "9095"
     assert parse_config_args([_flag(node, "--node-config")]) == {
-        "data-dir": str(data), "partition-id": 1, "num-partitions": 3}  # fmt: skip
+        "data-dir": str(data),
+        "partition-id": 1,
+        "num-partitions": 3,
+    }
     assert "--insecure" in execr and _flag(execr, "--runtime-api-address") == "127.0.0.1:9095"
 
     quick = superlink_commands(tmp_path / "link", certs_dir=None)["superlink"]
@@ -241,14 +245,26 @@ def test_scripts_print_usage() -> None:
     env = {**os.environ, "PYTHON": sys.executable}
     names = ["start-superlink.sh", "start-site.sh", "connect.sh", "register-nodes.sh", "run.sh", "quick-try.sh"]
     for name in names:
-        res = subprocess.run(["bash", str(scripts_dir() / name), "--help"], capture_output=True, text=True,
-                             env=env, timeout=60, check=False)  # fmt: skip
+        res = subprocess.run(
+            ["bash", str(scripts_dir() / name), "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
         assert res.returncode == 0 and "Usage:" in res.stdout, (name, res.stdout, res.stderr)
-    res = subprocess.run(["bash", str(scripts_dir() / "start-site.sh")], capture_output=True, text=True,
-                         env=env, timeout=60, check=False)  # fmt: skip
+    res = subprocess.run(
+        ["bash", str(scripts_dir() / "start-site.sh")], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
     assert res.returncode == 2 and "Usage:" in res.stderr
-    res = subprocess.run([sys.executable, str(scripts_dir() / "make-site-data.py"), "--help"],
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, str(scripts_dir() / "make-site-data.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 0 and "metadata.csv" in res.stdout, res.stderr
 
 
@@ -315,8 +331,10 @@ def test_lost_node_run_completes_with_the_others(deployment: SimpleNamespace) ->
     # Flower reported the loss (heartbeat expiry), not FedBiP's round timeout.
     assert res["timings_s"]["clients"] < ROUND_TIMEOUT - 60, res["timings_s"]
     detected = _offline_at(dep, ids[VICTIM]) - killed_at
-    print(f"\nSIGKILL: node marked offline {detected:.0f} s after the kill; "
-          f"upload round took {res['timings_s']['clients']:.0f} s")  # fmt: skip
+    print(
+        f"\nSIGKILL: node marked offline {detected:.0f} s after the kill; "
+        f"upload round took {res['timings_s']['clients']:.0f} s"
+    )
     assert -2 <= detected <= 75  # 2 x 30 s after the last heartbeat (sent every 17.5-22.5 s)
     SHARED["lost-min2"] = res
 

@@ -91,8 +91,12 @@ def test_a_template_too_long_in_tokens_is_rejected_at_validation(fast_run_config
 
 
 def test_client_domains_never_leave_the_run_folder(fast_run_config, tmp_path, model):
-    train = {100: _upload(model, 100, "../../escaped"), 101: _upload(model, 101, "é" * 200),
-             102: _upload(model, 102, "a/b\\c"), 103: _upload(model, 103, "nul\x00byte")}  # fmt: skip
+    train = {
+        100: _upload(model, 100, "../../escaped"),
+        101: _upload(model, 101, "é" * 200),
+        102: _upload(model, 102, "a/b\\c"),
+        103: _upload(model, 103, "nul\x00byte"),
+    }
     res, log, run_dir = _run(tmp_path, {**fast_run_config, "min-clients": 3}, train)
     by = _by_node(res)
     assert by[103]["status"] == "rejected" and "control characters" in by[103]["reason"]
@@ -141,8 +145,9 @@ def test_a_synthesis_failure_rejects_only_that_node(fast_run_config, tmp_path, m
     assert "rejected the upload of node 102" in log
 
 
-def test_too_few_uploads_left_after_synthesis_stop_the_run_naming_the_nodes(fast_run_config, tmp_path, model,
-                                                                            monkeypatch):  # fmt: skip
+def test_too_few_uploads_left_after_synthesis_stop_the_run_naming_the_nodes(
+    fast_run_config, tmp_path, model, monkeypatch
+):
     from fedbip_flower import strategy as strategy_module
     from fedbip_flower.strategy import FedBiPError
 
@@ -213,10 +218,15 @@ def test_one_hostile_site_among_four_leaves_the_other_three(fast_run_config, tmp
     bad["metrics"]["loss-first"] = [0.0]
     bad["meta"]["template"] = "[S] " + "word " * 60 + "[V]"
     bad["meta"]["domain"] = "../" * 60
-    evaluate = {100: _score(0.2), 101: _score(0.4), 102: _score(0.6),
-                103: RecordDict({"metrics": MetricRecord({"accuracy": math.nan, "num-examples": -1})})}  # fmt: skip
-    res, log, _ = _run(tmp_path, {**fast_run_config, "min-clients": 3}, {**_honest(model, 100, 101, 102), 103: bad},
-                       evaluate)  # fmt: skip
+    evaluate = {
+        100: _score(0.2),
+        101: _score(0.4),
+        102: _score(0.6),
+        103: RecordDict({"metrics": MetricRecord({"accuracy": math.nan, "num-examples": -1})}),
+    }
+    res, log, _ = _run(
+        tmp_path, {**fast_run_config, "min-clients": 3}, {**_honest(model, 100, 101, 102), 103: bad}, evaluate
+    )
     assert res["status"] == "completed" and res["num_scored"] == 3
     assert res["mean_accuracy"] == pytest.approx(0.4) and res["num_synthetic"] == 18
     assert _by_node(res)[103]["status"] == "rejected" and "rejected the upload of node 103" in log
@@ -234,8 +244,12 @@ def test_replies_from_unknown_or_repeated_nodes_are_ignored(fast_run_config, tin
         m.metadata.__dict__["_message_id"] = f"id{k}"
     stranger = fuzz._instruction(99)
     second = _upload(model, 2, "a second upload")
-    replies = [Message(_upload(model, 1), reply_to=msgs[0]), Message(_upload(model, 2), reply_to=msgs[1]),
-               Message(second, reply_to=msgs[1]), Message(_upload(model, 99), reply_to=stranger)]  # fmt: skip
+    replies = [
+        Message(_upload(model, 1), reply_to=msgs[0]),
+        Message(_upload(model, 2), reply_to=msgs[1]),
+        Message(second, reply_to=msgs[1]),
+        Message(_upload(model, 99), reply_to=stranger),
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert sorted(strategy.clients) == [1, 2] and metrics["num-accepted"] == 2
     ev = strategy.aggregate_evaluate(1, [Message(_score(0.5), reply_to=fuzz._instruction(99))])
@@ -259,8 +273,9 @@ def test_a_crafted_evaluation_cannot_crash_aggregate_evaluate(fast_run_config, t
 
 
 # ----------------------------------------------------------------------------- validation units
-EXP = Expected(model_fingerprint="fp", latent_channels=4, latent_size=16, hidden_size=16, max_bytes=2**22,
-               max_images=1000)  # fmt: skip
+EXP = Expected(
+    model_fingerprint="fp", latent_channels=4, latent_size=16, hidden_size=16, max_bytes=2**22, max_images=1000
+)
 MODEL = fuzz.Model("fp", 4, 16, 16)
 
 
@@ -306,8 +321,15 @@ def test_validation_bounds_strings_lists_and_metrics(case):
 
 
 def test_validation_lays_out_the_prompts_with_the_servers_tokenizer(tiny_components, model):
-    exp = Expected(model_fingerprint=model.fingerprint, latent_channels=4, latent_size=16, hidden_size=16,
-                   max_bytes=2**22, max_images=1000, tokenizer=tiny_components.tokenizer)  # fmt: skip
+    exp = Expected(
+        model_fingerprint=model.fingerprint,
+        latent_channels=4,
+        latent_size=16,
+        hidden_size=16,
+        max_bytes=2**22,
+        max_images=1000,
+        tokenizer=tiny_components.tokenizer,
+    )
     ok = validate_reply(_upload(model, 1), exp)
     assert ok.metrics == {"loss-first": 0.5, "num-train": 6.0}
     # 8 domain tokens and 8 tokens per class concept in a 22-word template: 41 tokens
@@ -334,10 +356,18 @@ def test_an_accepted_payload_synthesizes(tiny_components, model):
     from fedbip_flower.config import ServerConfig
     from fedbip_flower.synthesize import synthesize_client
 
-    exp = Expected(model_fingerprint=model.fingerprint, latent_channels=4, latent_size=16, hidden_size=16,
-                   max_bytes=2**22, max_images=1000, tokenizer=tiny_components.tokenizer)  # fmt: skip
+    exp = Expected(
+        model_fingerprint=model.fingerprint,
+        latent_channels=4,
+        latent_size=16,
+        hidden_size=16,
+        max_bytes=2**22,
+        max_images=1000,
+        tokenizer=tiny_components.tokenizer,
+    )
     rd = _upload(model, 3, domain="weird domain: ünïcode 🙂 [S] [V]")
     rd["meta"]["template"] = "[V] [S]"
-    x, y = synthesize_client(tiny_components, validate_reply(rd, exp), ServerConfig(inference_steps=2), seed=0,
-                             progress=False)  # fmt: skip
+    x, y = synthesize_client(
+        tiny_components, validate_reply(rd, exp), ServerConfig(inference_steps=2), seed=0, progress=False
+    )
     assert x.dtype == torch.uint8 and len(x) == len(y) == 6

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import stat
 import subprocess
 import sys
@@ -44,7 +43,9 @@ def test_run_status_hanging_flwr_is_a_launch_error(tmp_path, monkeypatch):
 
 
 def test_processes_stops_every_process_even_one_ignoring_sigterm(tmp_path):
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    )
     with launch.Processes({}, tmp_path) as procs:
         stubborn = procs.start("stubborn", [sys.executable, "-c", code])
         plain = procs.start("plain", [sys.executable, "-c", "import time; time.sleep(600)"])

@@ -16,8 +16,9 @@ def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_componen
     client = ClientConfig(steps=2, batch_size=8)
     sample_cfg = ServerConfig(inference_steps=2, batch_size=32)
     grid = tmp_path / "grid.png"
-    res = concept_recovery(tiny_components, ["medical", "ultraviolet"], judges, client, sample_cfg, seed=0,
-                           shots=2, grid=grid)  # fmt: skip
+    res = concept_recovery(
+        tiny_components, ["medical", "ultraviolet"], judges, client, sample_cfg, seed=0, shots=2, grid=grid
+    )
     assert grid.is_file()
     assert res["medical"]["out_of_reach"] is False and res["ultraviolet"]["out_of_reach"] is True
     assert res["medical"]["factors"]["palette"] == "grayscale"

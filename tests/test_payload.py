@@ -9,17 +9,25 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedbip_flower.payload import ClientPayload, Expected, PayloadError, validate_reply
 
-EXP = Expected(model_fingerprint="abc", latent_channels=4, latent_size=16, hidden_size=16,
-               max_bytes=2**22, max_images=1000)
+EXP = Expected(
+    model_fingerprint="abc", latent_channels=4, latent_size=16, hidden_size=16, max_bytes=2**22, max_images=1000
+)
 
 
 def _payload(n=6) -> ClientPayload:
     g = torch.Generator().manual_seed(0)
     return ClientPayload(
-        latents=torch.randn(n, 4, 16, 16, generator=g).half(), labels=torch.tensor([0, 1, 2] * (n // 3)),
-        s=torch.randn(1, 16, generator=g), v=torch.randn(3, 1, 16, generator=g), v_classes=torch.tensor([0, 1, 2]),
-        class_names=["a", "b", "c", "d"], domain="medical", template="a [S] style of a [V]", timestep=951,
-        injection="input", model_fingerprint="abc",
+        latents=torch.randn(n, 4, 16, 16, generator=g).half(),
+        labels=torch.tensor([0, 1, 2] * (n // 3)),
+        s=torch.randn(1, 16, generator=g),
+        v=torch.randn(3, 1, 16, generator=g),
+        v_classes=torch.tensor([0, 1, 2]),
+        class_names=["a", "b", "c", "d"],
+        domain="medical",
+        template="a [S] style of a [V]",
+        timestep=951,
+        injection="input",
+        model_fingerprint="abc",
     )
 
 
@@ -65,7 +73,10 @@ CASES = {
     "extra array": (lambda: _with_array("images", np.zeros((2, 3, 32, 32), np.float32)), "unexpected array"),
     "wrong dtype": (lambda: _with_array("latents", np.zeros((6, 4, 16, 16), np.float32)), "dtype float32"),
     "wrong rank": (lambda: _with_array("labels", np.zeros((6, 1), np.int64)), "shape"),
-    "wrong latent shape": (lambda: _with_array("latents", np.zeros((6, 4, 8, 8), np.float16)), "expected \\(4, 16, 16\\)"),
+    "wrong latent shape": (
+        lambda: _with_array("latents", np.zeros((6, 4, 8, 8), np.float16)),
+        "expected \\(4, 16, 16\\)",
+    ),
     "count mismatch": (lambda: _with_array("labels", np.zeros(5, np.int64)), "6 latents but 5 labels"),
     "nan": (lambda: _with_array("s", np.full((1, 16), np.nan, np.float32)), "NaN"),
     "inf latents": (lambda: _with_array("latents", np.full((6, 4, 16, 16), np.inf, np.float16)), "NaN or infinite"),

@@ -98,8 +98,9 @@ def test_concept_training_moves_only_s_and_v(tiny_components):
     assert z0.shape == (6, 4, 16, 16)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     lay = _layout(comps, 1, 1)
-    c = Concepts.initialise(comps.text_encoder, lay, "input", "word", torch.Generator().manual_seed(0),
-                            torch.tensor([0, 1]))
+    c = Concepts.initialise(
+        comps.text_encoder, lay, "input", "word", torch.Generator().manual_seed(0), torch.tensor([0, 1])
+    )
     s, v = c.vectors()
     unet_before = {k: t.clone() for k, t in comps.unet.state_dict().items()}
     cfg = ClientConfig(steps=3, batch_size=4, lr=0.05)

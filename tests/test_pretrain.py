@@ -23,9 +23,32 @@ def test_snr_weights_cap_clean_timesteps():
 
 def _args(out, steps):
     tok = str(bundled_model_path())
-    return ["--output", str(out), "--per-class", "1", "--vae-steps", "2", "--vae-batch", "4",
-            "--unet-steps", str(steps), "--batch", "4", "--checkpoint-every", "2",
-            "--tokenizer", tok, "--hidden", "32", "--lr", "0.01", "--warmup", "1", "--ema", "0"]  # fmt: skip
+    return [
+        "--output",
+        str(out),
+        "--per-class",
+        "1",
+        "--vae-steps",
+        "2",
+        "--vae-batch",
+        "4",
+        "--unet-steps",
+        str(steps),
+        "--batch",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--tokenizer",
+        tok,
+        "--hidden",
+        "32",
+        "--lr",
+        "0.01",
+        "--warmup",
+        "1",
+        "--ema",
+        "0",
+    ]
 
 
 def _weights(folder, sub):

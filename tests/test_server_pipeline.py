@@ -65,8 +65,9 @@ def test_without_reject_a_failing_upload_raises_naming_its_key(fast_run_config, 
     with pytest.raises(server_pipeline.PipelineError, match="client 1: synthesis from its upload failed"):
         server_pipeline.build_global_model(tiny_components, uploads, cfg, synthesize=synth)
     dropped = []
-    built = server_pipeline.build_global_model(tiny_components, uploads, cfg, synthesize=synth,
-                                               reject=lambda k, why: dropped.append(k))  # fmt: skip
+    built = server_pipeline.build_global_model(
+        tiny_components, uploads, cfg, synthesize=synth, reject=lambda k, why: dropped.append(k)
+    )
     assert dropped == [1] and built.order == [0] and list(built.rejected) == [1]
     assert len(built.labels) == 6 and built.stats["sgd-steps"] >= 1
 
@@ -98,8 +99,10 @@ def test_the_global_model_depends_on_the_uploads_not_on_node_ids_or_reply_order(
     # Three sites, two sharing the 'thermal' domain (a tie the content digest breaks).
     run_config = {**fast_run_config, "data.domains": "thermal,medical", "seed": 2}
     cfg = FedBiPConfig.from_run_config(run_config)
-    uploads = {p: run_train(ConfigRecord(cfg.to_run_config()), {"partition-id": p, "num-partitions": 3}, False)
-               for p in range(3)}  # fmt: skip
+    uploads = {
+        p: run_train(ConfigRecord(cfg.to_run_config()), {"partition-id": p, "num-partitions": 3}, False)
+        for p in range(3)
+    }
     one = _strategy_round(cfg, tiny_components, uploads, [101, 102, 103], reverse=False)
     two = _strategy_round(cfg, tiny_components, uploads, [9000, 42, 7], reverse=True)
     assert _same_state(_state(one.classifier), _state(two.classifier))

@@ -87,7 +87,7 @@ def test_dataset_is_balanced_and_shaped_like_real_datasets():
         assert np.bincount(labels[domains == d], minlength=10).tolist() == [3] * 10
     assert ds[0]["image"].size == (32, 32)
     again = shapes.build_dataset(["medical", "thermal"], per_class=3, seed=0)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ds["image"], again["image"]))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ds["image"], again["image"], strict=False))
 
 
 def test_flwr_datasets_partitioners_apply_unchanged():
@@ -115,7 +115,7 @@ def test_client_partition_equals_natural_id_partition(pid):
     assert part.num_partitions == 4  # builds the id -> domain map
     nat = part.load_partition({v: k for k, v in part.partition_id_to_natural_id.items()}[domains[pid]])
     assert mine["label"] == nat["label"] and mine["domain"] == nat["domain"]
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine["image"], nat["image"]))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine["image"], nat["image"], strict=False))
 
 
 def test_unknown_style_is_a_clear_error():

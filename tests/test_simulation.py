@@ -13,8 +13,10 @@ pytestmark = pytest.mark.slow
 
 
 def _rc(cfg: dict) -> str:
-    return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                    for k, v in cfg.items())  # fmt: skip
+    return " ".join(
+        f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in cfg.items()
+    )
 
 
 def test_flwr_run_simulation_completes(fast_run_config, tmp_path):

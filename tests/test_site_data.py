@@ -34,8 +34,11 @@ def test_a_site_without_a_test_split_refuses_before_personalization(tmp_path, fa
     monkeypatch.setattr(client, "load_components", lambda *a, **k: pytest.fail("the LDM was loaded"))
     cfg = {**fast_run_config, "data.shots": 16}
     with pytest.raises(SiteDataError) as info:
-        run_train(FedBiPConfig.from_run_config(cfg).to_run_config(),
-                  {"partition-id": 1, "num-partitions": 3, "data-dir": str(folder)}, progress=False)  # fmt: skip
+        run_train(
+            FedBiPConfig.from_run_config(cfg).to_run_config(),
+            {"partition-id": 1, "num-partitions": 3, "data-dir": str(folder)},
+            progress=False,
+        )
     msg = str(info.value)
     assert "site 'satellite'" in msg and str(folder) in msg
     assert "80 image(s) in 10 class(es) (8-8 per class) give 80 training and 0 test image(s) with data.shots=16" in msg
@@ -46,11 +49,13 @@ def test_the_launcher_reports_an_unscored_run_with_its_own_exit_code(capsys):
     from fedbip_flower.launch import UNSCORED_EXIT, print_summary
 
     results = {
-        "status": "unscored", "mean_accuracy": None, "timings_s": {"total": 1.0},
+        "status": "unscored",
+        "mean_accuracy": None,
+        "timings_s": {"total": 1.0},
         "error": "a classifier was trained on 60 synthetic images (it is saved at /x/classifier.safetensors), "
-                 "but no accepted site could score it: node 1 (medical\x1b): no test images.",
+        "but no accepted site could score it: node 1 (medical\x1b): no test images.",
         "clients": [{"node_id": 1, "domain": "medical\x1b", "status": "accepted", "accuracy": None, "upload_bytes": 9}],
-    }  # fmt: skip
+    }
     assert print_summary(results) == UNSCORED_EXIT == 3
     out, err = capsys.readouterr()
     assert "FedBiP run UNSCORED" in err and "/x/classifier.safetensors" in err and "\x1b" not in out

@@ -70,8 +70,9 @@ def test_no_process_outlives_a_sigkilled_launcher(tmp_path):
         "print('leader', p.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    owner = subprocess.Popen([sys.executable, "-c", owner_code, str(tmp_path), FAMILY], stdout=subprocess.PIPE,
-                             text=True)  # fmt: skip
+    owner = subprocess.Popen(
+        [sys.executable, "-c", owner_code, str(tmp_path), FAMILY], stdout=subprocess.PIPE, text=True
+    )
     leader = grandchild = 0
     try:
         leader = int(owner.stdout.readline().split()[1])

@@ -7,9 +7,9 @@ import torch
 from fedbip_flower.classifier import batch_bounds, build_classifier, evaluate, train_classifier
 from fedbip_flower.client import run_train
 from fedbip_flower.config import ClassifierConfig, FedBiPConfig, ServerConfig
+from fedbip_flower.payload import validate_reply
 from fedbip_flower.pipeline import FedBiPSynthesisPipeline
 from fedbip_flower.strategy import expected_for
-from fedbip_flower.payload import validate_reply
 from fedbip_flower.synthesize import synthesize_client, synthesize_from_prompts
 
 
@@ -58,8 +58,9 @@ def test_concept_only_synthesis_starts_from_fresh_noise(fast_run_config, tiny_co
 
 def test_prompt_synthesis(tiny_components):
     labels = torch.tensor([0, 1, 1])
-    x, y = synthesize_from_prompts(tiny_components, ["a star", "a ring"], labels,
-                                   ServerConfig(inference_steps=2), seed=0, progress=False)
+    x, y = synthesize_from_prompts(
+        tiny_components, ["a star", "a ring"], labels, ServerConfig(inference_steps=2), seed=0, progress=False
+    )
     assert x.shape == (3, 3, 32, 32) and torch.equal(y, labels)
 
 
@@ -89,7 +90,7 @@ def test_short_last_batch_joins_the_one_before():
     for n in range(1, 300):
         b = batch_bounds(n, 64)
         sizes = [j - i for i, j in b]
-        assert b[0][0] == 0 and b[-1][1] == n and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+        assert b[0][0] == 0 and b[-1][1] == n and all(x[1] == y[0] for x, y in zip(b, b[1:], strict=False))
         assert n <= 64 or min(sizes) >= 16, (n, sizes)
 
 
@@ -104,6 +105,7 @@ def test_classifier_step_budget_is_the_same_for_every_set_size():
         y = torch.arange(n) % 3
         _, stats = train_classifier(x, y, 3, cfg, 0, torch.device("cpu"), progress=False)
         assert stats["sgd-steps"] == 7
-    _, stats = train_classifier(x, y, 3, ClassifierConfig(epochs=2, batch_size=8, augment=False), 0,
-                                torch.device("cpu"), progress=False)  # fmt: skip
+    _, stats = train_classifier(
+        x, y, 3, ClassifierConfig(epochs=2, batch_size=8, augment=False), 0, torch.device("cpu"), progress=False
+    )
     assert stats["sgd-steps"] == 2 * 13  # no budget: epochs x batches
