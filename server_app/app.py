@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported)
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -19,4 +21,4 @@ def main(grid: Grid, context: Context) -> None:
     classifier that no accepted site could score completes with results.json status
     ``unscored``, which explains why and names the classifier file.
     """
-    run_server(grid, dict(context.run_config), run_id=context.run_id)
+    run_server(grid, dict(context.run_config), run_id=context.run_id, progress=sys.stderr.isatty())
