@@ -89,7 +89,7 @@ class ClassifierConfig:
     arch: str = _f("resnet18", "torchvision classifier", ("resnet18",))
     stem: str = _f("imagenet", "ResNet stem: ImageNet 7x7/2 + maxpool, or CIFAR 3x3/1", ("imagenet", "cifar"))
     pretrained: str = _f("", "path to ImageNet weights (.pth / .safetensors); empty = random init")
-    epochs: int = _f(15, "training epochs (used when steps = 0)", lo=1)
+    epochs: int = _f(25, "training epochs (used when steps = 0)", lo=1)
     steps: int = _f(
         0, "SGD steps whatever the set size (0 = epochs x batches); equal steps compare methods fairly", lo=0
     )
