@@ -61,7 +61,7 @@ SETTINGS: dict[str, tuple[dict, int]] = {
 }
 # method -> (client config overrides, server config overrides, personalize kwargs)
 FEDBIP_METHODS: dict[str, tuple[dict, dict, dict]] = {
-    "fedbip": ({}, {}, {}),
+    "fedbip": ({}, {"server.multiplier": 1}, {}),
     "fedbip-m": ({}, {"server.multiplier": 5}, {}),
     "fedbip-l": ({}, {"server.multiplier": 10}, {}),
     "instance-only": ({"client.steps": 0}, {}, {}),
