@@ -73,9 +73,11 @@ OTHER_METHODS = ("zero-shot", "fedavg-oneshot", "ensemble", "centralized")
 ALL_METHODS = tuple(FEDBIP_METHODS) + OTHER_METHODS
 # Every method's classifier gets the same number of SGD steps (ResNet-18, batch 64), whatever
 # its training-set size: FedBiP-M's 5x synthetic set does not buy it more optimisation than
-# FedBiP-S or the centralized oracle. Override with --run-config "classifier.steps=N".
-BENCH_DEFAULTS = {"classifier.steps": 300}
+# FedBiP-S or the centralized oracle. Methods synthesize 1x unless they say otherwise (the main
+# job's default is 2x). Override with --run-config "classifier.steps=N".
+BENCH_DEFAULTS = {"classifier.steps": 300, "server.multiplier": 1}
 SMOKE = {
+    "server.multiplier": 1,
     "data.per-class": 4,
     "data.shots": 2,
     "data.max-test-per-class": 2,

@@ -627,6 +627,7 @@ def make_strategy(model_id: str = "bundled", device: str = "cpu", overrides: dic
         "model.device": device,
         "min-clients": 2,
         "server.inference-steps": 2,
+        "server.multiplier": 1,
         "server.batch-size": 16,
         "classifier.epochs": 1,
         "classifier.batch-size": 16,

@@ -190,7 +190,7 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     comps = load_components(model, "auto", "auto")
-    cfg = ServerConfig(inference_steps=steps, guidance_scale=guidance, batch_size=80)
+    cfg = ServerConfig(inference_steps=steps, guidance_scale=guidance, batch_size=80, multiplier=1)
     pre, held = list(shapes.PRETRAIN_STYLES), list(shapes.HELDOUT_STYLES) + list(shapes.CONTROL_STYLES)
     xs_pre, cls_pre, sty_pre = _sample(comps, pre, per_pair, cfg, seed)
     xs_held, cls_held, sty_held = _sample(comps, held, per_pair, cfg, seed + 1)

@@ -106,6 +106,7 @@ def fast_run_config(tiny_model) -> dict:
         "client.steps": 2,
         "client.batch-size": 8,
         "server.inference-steps": 2,
+        "server.multiplier": 1,
         "server.batch-size": 16,
         "classifier.epochs": 1,
         "classifier.batch-size": 16,

@@ -368,6 +368,6 @@ def test_an_accepted_payload_synthesizes(tiny_components, model):
     rd = _upload(model, 3, domain="weird domain: ünïcode 🙂 [S] [V]")
     rd["meta"]["template"] = "[V] [S]"
     x, y = synthesize_client(
-        tiny_components, validate_reply(rd, exp), ServerConfig(inference_steps=2), seed=0, progress=False
+        tiny_components, validate_reply(rd, exp), ServerConfig(inference_steps=2, multiplier=1), seed=0, progress=False
     )
     assert x.dtype == torch.uint8 and len(x) == len(y) == 6
