@@ -8,7 +8,7 @@ import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch importe
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedbip_flower.client import run_evaluate, run_train
+from fedbip_flower.federation.client import run_evaluate, run_train
 
 app = ClientApp()
 

@@ -8,11 +8,20 @@ value raises :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser, as Flower itself uses it
+    import tomli as tomllib
+
 SHAPES_DATASET = "fedbip-shapes"
+# Experiment presets: TOML run-config files (flwr run --run-config FILE reads them as they are).
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 
 
 class ConfigError(ValueError):
@@ -198,7 +207,7 @@ def _check_cross(cfg: FedBiPConfig) -> None:
     if t and ("[S]" not in t or "[V]" not in t):
         raise ConfigError(f"config key 'client.template': needs both [S] and [V], got {t!r}")
     if cfg.data.dataset == SHAPES_DATASET:
-        from fedbip_flower.shapes import STYLES, SUPPORTED_RESOLUTIONS
+        from fedbip_flower.data.shapes import STYLES, SUPPORTED_RESOLUTIONS
 
         doms = [d.strip() for d in cfg.data.domains.split(",") if d.strip()]
         if not doms:
@@ -235,6 +244,55 @@ def config_table() -> str:
     return "\n".join(rows)
 
 
+def experiment_names() -> list[str]:
+    """The experiment presets shipped in ``fedbip_flower/experiments/``."""
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+
+
+def load_experiment(name_or_path: str | Path) -> dict[str, Any]:
+    """The flat run-config overrides of an experiment preset: a shipped name (see
+    :func:`experiment_names`) or a path to a TOML run-config file. Every key and value is
+    checked as a run config is; a missing file or a bad key raises :class:`ConfigError`."""
+    text = str(name_or_path)
+    path = Path(text) if text.endswith(".toml") or "/" in text else EXPERIMENTS_DIR / f"{text}.toml"
+    if not path.is_file():
+        raise ConfigError(f"no experiment {text!r} (no file {path}); shipped: {', '.join(experiment_names())}")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"experiment {path}: not valid TOML: {err}") from err
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v
+
+    walk(tree, "")
+    try:
+        FedBiPConfig.from_run_config(flat)
+    except ConfigError as err:
+        raise ConfigError(f"experiment {path}: {err}") from err
+    return flat
+
+
+def run_config_string(overrides: dict[str, Any]) -> str:
+    """``overrides`` as one ``--run-config "k=v ..."`` string for ``flwr run`` (strings quoted)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            if '"' in v:
+                raise ConfigError(f"run-config value {v!r}: double quotes cannot pass through --run-config")
+            return json.dumps(v, ensure_ascii=False)
+        return repr(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in overrides.items())
+
+
 def config_page() -> str:
     """docs/configuration.md, generated: ``python -m fedbip_flower.config > docs/configuration.md``."""
     return "\n".join(
@@ -249,8 +307,31 @@ def config_page() -> str:
             "",
             config_table(),
             "",
+            "## Experiment presets",
+            "",
+            "Named sets of overrides, as TOML run-config files in `fedbip_flower/experiments/`:",
+            "`bash scripts/main.sh --experiment NAME` (the launcher also sizes the simulated federation",
+            "from the preset's `min-clients`; `--run-config` still overrides single keys),",
+            "`flwr run . --run-config fedbip_flower/experiments/NAME.toml`, or the benchmark's",
+            "`--settings NAME`. A path to your own TOML file works wherever a name does.",
+            "",
+            "| preset | what it is |",
+            "|---|---|",
+            *[f"| `{name}` | {_experiment_summary(name)} |" for name in experiment_names()],
+            "",
         ]
     )
+
+
+def _experiment_summary(name: str) -> str:
+    """The first comment paragraph of an experiment preset, as one line."""
+    lines = []
+    for line in (EXPERIMENTS_DIR / f"{name}.toml").read_text().splitlines():
+        text = line.removeprefix("#").strip()
+        if not line.startswith("#") or not text or line.startswith("#  "):
+            break
+        lines.append(text)
+    return " ".join(lines).replace("|", "\\|")
 
 
 if __name__ == "__main__":

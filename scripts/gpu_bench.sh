@@ -2,7 +2,7 @@
 # The full accuracy benchmark on one CUDA machine: every (setting, seed) in its own process,
 # all at once on the one GPU (each is latency-bound at 32 px), then one merged table.
 # Usage: bash scripts/gpu_bench.sh OUT_DIR [PACS_DIR]   (uses the current python)
-#   PACS_DIR: PACS as an imagefolder; `python -m fedbip_flower.deploy shrink-data
+#   PACS_DIR: PACS as an imagefolder; `python -m fedbip_flower.tools.deploy shrink-data
 #   ../shared/data/pacs PACS_DIR` makes an 18 MB copy that loads to the same tensors at 32 px.
 # Env: SETTINGS, SEEDS, METHODS, LIMIT (seconds per process, default 470), EXTRA (run config),
 #      BENCH_FLAGS (e.g. --smoke).
@@ -24,7 +24,7 @@ for setting in ${SETTINGS//,/ }; do
     mkdir -p "$run"
     extra="${EXTRA:-}"
     [[ $setting == pacs-* ]] && extra="$extra data.data-dir='$(realpath "$PACS")'"
-    HF_DATASETS_CACHE="$run/hf-cache" timeout "$LIMIT" python -m fedbip_flower.benchmark accuracy \
+    HF_DATASETS_CACHE="$run/hf-cache" timeout "$LIMIT" python -m fedbip_flower.tools.benchmark accuracy \
       --settings "$setting" --seeds "$seed" --methods "$METHODS" --out "$run" ${BENCH_FLAGS:-} \
       ${extra:+--run-config "$extra"} >"$run/log.txt" 2>&1 &
     pids+=($!)
@@ -42,4 +42,4 @@ for run in "$OUT"/runs/*; do
   else echo "== $run: no result; log tail:"; tail -5 "$run/log.txt"; fi
 done
 grep -h "INFO \[" "$OUT"/runs/*/log.txt | tail -3
-python -m fedbip_flower.benchmark merge "${files[@]}" --out "$OUT"
+python -m fedbip_flower.tools.benchmark merge "${files[@]}" --out "$OUT"

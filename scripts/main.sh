@@ -8,4 +8,4 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0
-exec python -m fedbip_flower.launch --output-dir outputs "$@"
+exec python -m fedbip_flower.tools.launch --output-dir outputs "$@"

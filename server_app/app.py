@@ -8,7 +8,7 @@ import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch importe
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedbip_flower.server import run_server
+from fedbip_flower.federation.server import run_server
 
 app = ServerApp()
 

@@ -22,8 +22,8 @@ def build_tiny_model(folder, seed: int = 0, hidden: int = 16, max_len: int = 32)
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
-    from fedbip_flower.ldm import bundled_model_path
-    from fedbip_flower.pretrain import build_schedulers
+    from fedbip_flower.models.ldm import bundled_model_path
+    from fedbip_flower.tools.pretrain import build_schedulers
 
     tok = CLIPTokenizerFast.from_pretrained(str(bundled_model_path()), subfolder="tokenizer")
     tok.model_max_length = max_len
@@ -90,7 +90,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_components(tiny_model):
-    from fedbip_flower.ldm import load_components
+    from fedbip_flower.models.ldm import load_components
 
     return load_components(tiny_model, "cpu", "float32")
 

@@ -11,8 +11,8 @@ from flwr.app import Array, ConfigRecord, Context, MessageType, RecordDict
 
 from client_app import app as client_module
 from fedbip_flower.config import ConfigError
-from fedbip_flower.server import run_server
-from fedbip_flower.strategy import FedBiPError
+from fedbip_flower.federation.server import run_server
+from fedbip_flower.federation.strategy import FedBiPError
 from server_app import app as server_module
 from tests.fakegrid import FakeGrid, instruction, set_task_identity
 
@@ -154,7 +154,7 @@ def test_same_seed_same_results(fast_run_config, tmp_path):
 
 
 def test_no_concept_steps_and_a_site_without_test_images_give_valid_json(fast_run_config, tmp_path):
-    from fedbip_flower.deploy import write_site
+    from fedbip_flower.tools.deploy import write_site
 
     # Site 101 holds exactly `shots` images per class: nothing is left for its test split, so
     # its ClientApp refuses at once (before personalization) and the server rejects it.

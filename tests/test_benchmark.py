@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fedbip_flower import benchmark
+from fedbip_flower.config import load_experiment
+from fedbip_flower.tools import benchmark
 
 
 def test_metrics():
@@ -21,7 +22,7 @@ def test_fedavg_weights():
 
 
 def test_smoke_benchmark_runs_all_methods(tiny_model, tmp_path):
-    extra = {**benchmark.SMOKE, "model.id": tiny_model, "data.domains": "medical,satellite"}
+    extra = {**load_experiment("smoke"), "model.id": tiny_model, "data.domains": "medical,satellite"}
     seen = []
     run = benchmark.run_setting(
         "shapes-feature",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fedbip_flower.ldm import BUNDLED_NAME, bundled_model_path, load_components, resolve_model
+from fedbip_flower.models.ldm import BUNDLED_NAME, bundled_model_path, load_components, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_bundled_pipeline_loads_offline_and_generates():
     ).images
     assert out.shape == (1, 32, 32, 3) and 0 <= out.min() and out.max() <= 1
     card = json.loads((path / "fedbip_model_card.json").read_text())
-    assert card["command"].startswith("python -m fedbip_flower.pretrain") and card["unet_steps"] > 0
+    assert card["command"].startswith("python -m fedbip_flower.tools.pretrain") and card["unet_steps"] > 0
     assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 16 * 2**20
     # the real SD v1 tokenizer ids
     assert pipe.tokenizer("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
@@ -48,10 +48,11 @@ def test_weights_are_found_from_an_app_bundle_copy(tmp_path):
     """Flower runs the app from an unpacked bundle that holds code only: the package copy
     there has no weights, so the installed package's weights must be found on sys.path."""
     fab = tmp_path / "fab"
-    (fab / "fedbip_flower").mkdir(parents=True)
-    for f in (ROOT / "fedbip_flower").glob("*.py"):
-        (fab / "fedbip_flower" / f.name).write_text(f.read_text())
-    code = "import fedbip_flower.ldm as l; print(l.__file__); print(l.bundled_model_path())"
+    for f in (ROOT / "fedbip_flower").rglob("*.py"):
+        dest = fab / f.relative_to(ROOT)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(f.read_text())
+    code = "import fedbip_flower.models.ldm as l; print(l.__file__); print(l.bundled_model_path())"
     env = {k: v for k, v in os.environ.items() if k != "FEDBIP_BUNDLED_MODEL"}
     env["PYTHONPATH"] = os.pathsep.join([str(fab), str(ROOT)])
     out = subprocess.run([sys.executable, "-c", code], cwd=fab, env=env, capture_output=True, text=True, check=True)
@@ -63,7 +64,7 @@ def test_weights_are_found_from_an_app_bundle_copy(tmp_path):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     import pytest
 
-    from fedbip_flower.ldm import ModelError
+    from fedbip_flower.models.ldm import ModelError
 
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model(str(tmp_path / "nope"))
@@ -74,10 +75,10 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 def test_personalization_on_the_bundled_model_is_bit_reproducible():
     """Same seed, same upload, to the bit, on the real model with all CPU threads (a gather
     whose backward accumulates in thread order once made S/V differ by ~1e-10)."""
-    from fedbip_flower.client import template_for
     from fedbip_flower.config import FedBiPConfig
-    from fedbip_flower.data import NodeConfig, load_client_data
-    from fedbip_flower.personalize import personalize
+    from fedbip_flower.data.loading import NodeConfig, load_client_data
+    from fedbip_flower.federation.client import template_for
+    from fedbip_flower.method.personalize import personalize
 
     comps = load_components("bundled", "cpu", "float32")
     cfg = FedBiPConfig.from_run_config({"client.steps": 3, "data.per-class": 20, "data.shots": 4})

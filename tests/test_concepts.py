@@ -7,20 +7,20 @@ import json
 import pytest
 import torch
 
-from fedbip_flower import embeddings
-from fedbip_flower.concepts import (
+from fedbip_flower.config import ClientConfig
+from fedbip_flower.data.loading import ClientData
+from fedbip_flower.method import embeddings
+from fedbip_flower.method.concepts import (
     Concepts,
     ExportError,
     Init,
     Injection,
     export_textual_inversion,
     load_textual_inversion,
-    main,
     textual_inversion_tokens,
 )
-from fedbip_flower.config import ClientConfig
-from fedbip_flower.data import ClientData
-from fedbip_flower.personalize import personalize
+from fedbip_flower.method.personalize import personalize
+from fedbip_flower.tools import export_concepts
 
 
 def _layout(comps, n_s=2, n_v=1, classes=("star", "ring")):
@@ -172,10 +172,10 @@ def test_output_injected_concepts_are_not_exported(tiny_components, tmp_path):
 
 def test_export_command(fast_run_config, tmp_path, capsys):
     rc = " ".join(f"{k}={json.dumps(v)}" for k, v in fast_run_config.items())
-    main(["export", str(tmp_path / "site"), "--run-config", rc, "--num-partitions", "2", "--no-progress"])
+    export_concepts.main([str(tmp_path / "site"), "--run-config", rc, "--num-partitions", "2", "--no-progress"])
     m = json.loads((tmp_path / "site" / "concepts.json").read_text())
     assert m["domain_token"]["token"] == "<medical-domain>" and len(m["classes"]) == 10
     assert "<medical-domain>" in capsys.readouterr().out
     with pytest.raises(SystemExit) as err:
-        main(["export", str(tmp_path / "out"), "--run-config", rc + ' client.injection="output"'])
+        export_concepts.main([str(tmp_path / "out"), "--run-config", rc + ' client.injection="output"'])
     assert err.value.code == 2 and not (tmp_path / "out").exists()

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from flwr.common.config import flatten_dict
+from flwr.common.config import flatten_dict, parse_config_args
 
-from fedbip_flower.config import ConfigError, FedBiPConfig
+from fedbip_flower.config import ConfigError, FedBiPConfig, experiment_names, load_experiment, run_config_string
+from fedbip_flower.tools import benchmark, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +55,45 @@ def test_configuration_page_is_generated_and_current():
     assert page == config_page(), "regenerate: python -m fedbip_flower.config > docs/configuration.md"
     missing = [k for k in FedBiPConfig().to_run_config() if f"`{k}`" not in page]
     assert not missing
+
+
+def test_every_experiment_preset_is_a_valid_run_config():
+    names = experiment_names()
+    assert {"shapes-feature", "shapes-label-0.5", "benchmark", "smoke"} <= set(names)
+    assert set(benchmark.SETTINGS) <= set(names)
+    for name in names:
+        flat = load_experiment(name)
+        assert flat and all("." in k or k in ("seed", "min-clients", "output-dir") for k in flat), name
+        cfg = FedBiPConfig.from_run_config(flat)
+        assert cfg.to_run_config().items() >= flat.items(), name
+    label = FedBiPConfig.from_run_config(load_experiment("shapes-label-0.5"))
+    assert (label.min_clients, label.data.partition_by, label.data.alpha) == (5, "dirichlet", 0.5)
+    # The experiments that are settings name their sites: the benchmark and launcher read it.
+    for name in benchmark.SETTINGS:
+        assert "min-clients" in load_experiment(name), name
+
+
+def test_experiment_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(ConfigError, match="no experiment 'nope'.*shipped: .*shapes-feature"):
+        load_experiment("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('data.partition-by = "domain"\nclient.stepz = 3\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml.*client\.stepz"):
+        load_experiment(bad)
+    bad.write_text("data.alpha = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_experiment(str(bad))
+
+
+def test_run_config_string_round_trips_through_flower():
+    over = {**load_experiment("shapes-label-0.5"), "output-dir": "/tmp/a b", "client.interpolate": False}
+    assert parse_config_args([run_config_string(over)]) == over
+    with pytest.raises(ConfigError, match="double quotes"):
+        run_config_string({"client.template": 'a "quoted" [S] [V]'})
+
+
+def test_launcher_refuses_a_bad_experiment_before_starting_flower(capsys):
+    assert launch.main(["--experiment", "nope"]) == 2
+    assert launch.main(["--experiment", "smoke", "--run-config", "data.shots=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "NOT STARTED: no experiment 'nope'" in err and "data.shots" in err

@@ -6,7 +6,7 @@ process``) with its ServerApp ``flower-superexec``, and three sites, each a
 ``flower-supernode --isolation process`` with its own ``flower-superexec`` for the
 ClientApp and its own imagefolder (``data-dir`` in the node config): the topology of
 ``docker/compose.yml``, built with the same functions as ``scripts/deploy/*.sh``
-(``fedbip_flower.deploy``). Node keys come from ``make-node-keys.sh`` and are registered
+(``fedbip_flower.tools.deploy``). Node keys come from ``make-node-keys.sh`` and are registered
 with ``flwr supernode register``. All processes run on 127.0.0.1 (no network namespaces).
 
 The first three tests are fast checks of the helpers and scripts; the others are marked
@@ -39,8 +39,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedbip_flower import shapes
-from fedbip_flower.deploy import (
+from fedbip_flower.data import shapes
+from fedbip_flower.tools.deploy import (
     DeployError,
     Deployment,
     ensure_secret,
@@ -50,7 +50,7 @@ from fedbip_flower.deploy import (
     supernodes,
     write_site,
 )
-from fedbip_flower.launch import find_results, free_port
+from fedbip_flower.tools.launch import find_results, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = (1, 2, 3)
@@ -170,7 +170,7 @@ def _flag(argv: list[str], name: str) -> str:
 
 def test_site_folder(tmp_path: Path) -> None:
     from fedbip_flower.config import FedBiPConfig
-    from fedbip_flower.data import NodeConfig, load_client_data
+    from fedbip_flower.data.loading import NodeConfig, load_client_data
 
     out = write_site(tmp_path / "site", "thermal", per_class=3)
     rows = (out / "train" / "metadata.csv").read_text().splitlines()
@@ -186,8 +186,8 @@ def test_site_folder(tmp_path: Path) -> None:
 
 def test_shrunk_folder_loads_to_the_same_tensors(tmp_path: Path) -> None:
     from fedbip_flower.config import FedBiPConfig
-    from fedbip_flower.data import DataError, NodeConfig, load_client_data, shrink_imagefolder
-    from fedbip_flower.deploy import main
+    from fedbip_flower.data.loading import DataError, NodeConfig, load_client_data, shrink_imagefolder
+    from fedbip_flower.tools.deploy import main
 
     src = write_site(tmp_path / "site", "sketch", per_class=3, resolution=64)
     assert main(["shrink-data", str(src), str(tmp_path / "small"), "--resolution", "32"]) == 0

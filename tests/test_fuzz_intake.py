@@ -1,10 +1,10 @@
-"""Property-based fuzzing of the server's intake (hypothesis drives ``fedbip_flower.fuzz``).
+"""Property-based fuzzing of the server's intake (hypothesis drives ``fedbip_flower.tools.fuzz``).
 
 Random mutations of a valid reply (records, keys, dtypes, shapes, headers, bytes, values,
 strings, types, metrics, error replies) never make the strategy raise: each reply is either
 accepted and then synthesized, or rejected with a logged reason naming its node. A bounded
 number of examples runs here; ``FEDBIP_FUZZ_EXAMPLES=2000`` runs more, and
-``python -m fedbip_flower.fuzz --replies 2000`` is the on-demand command with counts.
+``python -m fedbip_flower.tools.fuzz --replies 2000`` is the on-demand command with counts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedbip_flower import fuzz
+from fedbip_flower.tools import fuzz
 
 EXAMPLES = int(os.environ.get("FEDBIP_FUZZ_EXAMPLES", "60"))
 SETTINGS = settings(

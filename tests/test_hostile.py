@@ -15,9 +15,9 @@ import pytest
 import torch
 from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedbip_flower import fuzz
-from fedbip_flower.payload import Expected, PayloadError, safe_filename, safe_text, validate_reply
-from fedbip_flower.server import run_server
+from fedbip_flower.federation.payload import Expected, PayloadError, safe_filename, safe_text, validate_reply
+from fedbip_flower.federation.server import run_server
+from fedbip_flower.tools import fuzz
 from tests.fakegrid import FakeGrid, set_task_identity
 
 set_task_identity()
@@ -128,7 +128,7 @@ def test_class_names_that_differ_from_the_majority_reject_one_node(fast_run_conf
 
 
 def test_a_synthesis_failure_rejects_only_that_node(fast_run_config, tmp_path, model, monkeypatch):
-    from fedbip_flower import strategy as strategy_module
+    from fedbip_flower.federation import strategy as strategy_module
 
     real = strategy_module.synthesize_client
 
@@ -148,8 +148,8 @@ def test_a_synthesis_failure_rejects_only_that_node(fast_run_config, tmp_path, m
 def test_too_few_uploads_left_after_synthesis_stop_the_run_naming_the_nodes(
     fast_run_config, tmp_path, model, monkeypatch
 ):
-    from fedbip_flower import strategy as strategy_module
-    from fedbip_flower.strategy import FedBiPError
+    from fedbip_flower.federation import strategy as strategy_module
+    from fedbip_flower.federation.strategy import FedBiPError
 
     monkeypatch.setattr(strategy_module, "synthesize_client", lambda *a, **k: 1 / 0)
     with pytest.raises(FedBiPError, match="only 0 good upload.*left after synthesis.*node 100: synthesis"):
@@ -234,7 +234,7 @@ def test_one_hostile_site_among_four_leaves_the_other_three(fast_run_config, tmp
 
 def test_replies_from_unknown_or_repeated_nodes_are_ignored(fast_run_config, tiny_components, model):
     from fedbip_flower.config import FedBiPConfig
-    from fedbip_flower.strategy import FedBiPStrategy
+    from fedbip_flower.federation.strategy import FedBiPStrategy
 
     cfg = FedBiPConfig.from_run_config({**fast_run_config, "min-clients": 2})
     strategy = FedBiPStrategy(cfg, tiny_components, progress=False)
@@ -258,7 +258,7 @@ def test_replies_from_unknown_or_repeated_nodes_are_ignored(fast_run_config, tin
 
 def test_a_crafted_evaluation_cannot_crash_aggregate_evaluate(fast_run_config, tiny_components):
     from fedbip_flower.config import FedBiPConfig
-    from fedbip_flower.strategy import ClientRecord, FedBiPStrategy
+    from fedbip_flower.federation.strategy import ClientRecord, FedBiPStrategy
 
     strategy = FedBiPStrategy(FedBiPConfig.from_run_config(fast_run_config), tiny_components, progress=False)
     src = fuzz.Source(7)
@@ -354,7 +354,7 @@ def test_safe_names_and_log_text():
 
 def test_an_accepted_payload_synthesizes(tiny_components, model):
     from fedbip_flower.config import ServerConfig
-    from fedbip_flower.synthesize import synthesize_client
+    from fedbip_flower.method.synthesize import synthesize_client
 
     exp = Expected(
         model_fingerprint=model.fingerprint,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbip_flower import launch
+from fedbip_flower.tools import launch
 
 
 def _fake_flwr(tmp_path: Path, body: str) -> Path:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedbip_flower import shapes
 from fedbip_flower.config import ClientConfig, ServerConfig
-from fedbip_flower.ldm_report import concept_recovery, train_judges
+from fedbip_flower.data import shapes
+from fedbip_flower.tools.ldm_report import concept_recovery, train_judges
 
 
 def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_components, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedbip_flower.payload import ClientPayload, Expected, PayloadError, validate_reply
+from fedbip_flower.federation.payload import ClientPayload, Expected, PayloadError, validate_reply
 
 EXP = Expected(
     model_fingerprint="abc", latent_channels=4, latent_size=16, hidden_size=16, max_bytes=2**22, max_images=1000

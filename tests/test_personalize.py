@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fedbip_flower import embeddings
-from fedbip_flower.client import run_train
-from fedbip_flower.concepts import Concepts
 from fedbip_flower.config import ClientConfig
-from fedbip_flower.personalize import (
+from fedbip_flower.federation.client import run_train
+from fedbip_flower.method import embeddings
+from fedbip_flower.method.concepts import Concepts
+from fedbip_flower.method.personalize import (
     encode_images,
     first_inference_timestep,
     interpolation_partners,

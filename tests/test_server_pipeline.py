@@ -14,12 +14,13 @@ import torch
 from flwr.app import ConfigRecord, Message
 
 from client_app import app as client_module
-from fedbip_flower import benchmark, fuzz, server_pipeline
-from fedbip_flower.client import run_train
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.payload import validate_reply
-from fedbip_flower.server import run_server
-from fedbip_flower.strategy import FedBiPStrategy, expected_for
+from fedbip_flower.federation import server_pipeline
+from fedbip_flower.federation.client import run_train
+from fedbip_flower.federation.payload import validate_reply
+from fedbip_flower.federation.server import run_server
+from fedbip_flower.federation.strategy import FedBiPStrategy, expected_for
+from fedbip_flower.tools import benchmark, fuzz
 from tests.fakegrid import FakeGrid, set_task_identity
 
 set_task_identity()
@@ -114,15 +115,16 @@ def test_the_global_model_depends_on_the_uploads_not_on_node_ids_or_reply_order(
     assert [payloads[k].domain for k in built.order] == ["medical", "thermal", "thermal"]
 
 
-def test_the_benchmark_fedbip_row_is_the_apps_result(fast_run_config, tmp_path, monkeypatch):
+def test_the_benchmark_fedbip_row_is_the_apps_result(fast_run_config, tmp_path):
     """The same run config and seed through the Flower apps (fake grid, real ClientApp and
     ServerApp code) and through ``benchmark.run_setting``: equal accuracies per client."""
     seed = 3
     # Partition 0 is 'thermal', 1 'medical': the client order (by domain) is not the
     # partition order, and the node ids are in neither order.
     extra = {**fast_run_config, "data.domains": "thermal,medical"}
-    monkeypatch.setitem(benchmark.SETTINGS, "two-sites", ({"data.partition-by": "domain"}, 2))
-    row = benchmark.run_setting("two-sites", ["fedbip"], seed, extra, audit=False)["methods"]["fedbip"]
+    setting = tmp_path / "two-sites.toml"  # an experiment preset of its own: two sites
+    setting.write_text('min-clients = 2\ndata.partition-by = "domain"\n')
+    row = benchmark.run_setting(str(setting), ["fedbip"], seed, extra, audit=False)["methods"]["fedbip"]
 
     nodes = {5000: {"partition-id": 0, "num-partitions": 2}, 12: {"partition-id": 1, "num-partitions": 2}}
     app_config = {"data.partition-by": "domain", **extra, "seed": seed, "output-dir": str(tmp_path)}

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
 
-from fedbip_flower import shapes
 from fedbip_flower.config import DataConfig
-from fedbip_flower.data import NodeConfig, _shapes_partition
+from fedbip_flower.data import shapes
+from fedbip_flower.data.loading import NodeConfig, _shapes_partition
 
 
 def test_sample_is_a_pure_function_of_its_key():
@@ -53,7 +53,7 @@ def test_styles_are_distinct_factor_combinations():
 
 
 def test_client_style_names_never_occur_in_pretraining_captions():
-    from fedbip_flower.pretrain import captions
+    from fedbip_flower.tools.pretrain import captions
 
     n = len(shapes.PRETRAIN_STYLES)
     labels = np.arange(200) % len(shapes.CLASSES)

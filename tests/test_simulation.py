@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbip_flower.launch import LaunchError, simulate
+from fedbip_flower.tools.launch import LaunchError, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from fedbip_flower import deploy
-from fedbip_flower.client import SiteDataError, run_train
 from fedbip_flower.config import DataConfig, FedBiPConfig
-from fedbip_flower.data import NodeConfig, load_client_data
+from fedbip_flower.data.loading import NodeConfig, load_client_data
+from fedbip_flower.federation.client import SiteDataError, run_train
+from fedbip_flower.tools import deploy
 
 
 def test_the_site_data_helper_defaults_fit_the_app_defaults(tmp_path):
@@ -27,7 +27,7 @@ def test_make_site_data_warns_when_no_test_split_would_be_left(tmp_path, capsys)
 
 
 def test_a_site_without_a_test_split_refuses_before_personalization(tmp_path, fast_run_config, monkeypatch):
-    from fedbip_flower import client
+    from fedbip_flower.federation import client
 
     folder = deploy.write_site(tmp_path / "site-2", "satellite", per_class=8)
     monkeypatch.setattr(client, "personalize", lambda *a, **k: pytest.fail("personalization ran"))
@@ -46,7 +46,7 @@ def test_a_site_without_a_test_split_refuses_before_personalization(tmp_path, fa
 
 
 def test_the_launcher_reports_an_unscored_run_with_its_own_exit_code(capsys):
-    from fedbip_flower.launch import UNSCORED_EXIT, print_summary
+    from fedbip_flower.tools.launch import UNSCORED_EXIT, print_summary
 
     results = {
         "status": "unscored",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbip_flower import deploy, launch
+from fedbip_flower.tools import deploy, launch
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -64,7 +64,7 @@ def test_no_process_outlives_a_sigkilled_launcher(tmp_path):
     owner_code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from fedbip_flower.launch import Processes\n"
+        "from fedbip_flower.tools.launch import Processes\n"
         "procs = Processes({}, Path(sys.argv[1]))\n"
         "p = procs.start('family', [sys.executable, '-c', sys.argv[2]])\n"
         "print('leader', p.pid, flush=True)\n"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fedbip_flower.classifier import batch_bounds, build_classifier, evaluate, train_classifier
-from fedbip_flower.client import run_train
 from fedbip_flower.config import ClassifierConfig, FedBiPConfig, ServerConfig
-from fedbip_flower.payload import validate_reply
-from fedbip_flower.pipeline import FedBiPSynthesisPipeline
-from fedbip_flower.strategy import expected_for
-from fedbip_flower.synthesize import synthesize_client, synthesize_from_prompts
+from fedbip_flower.federation.client import run_train
+from fedbip_flower.federation.payload import validate_reply
+from fedbip_flower.federation.strategy import expected_for
+from fedbip_flower.method.pipeline import FedBiPSynthesisPipeline
+from fedbip_flower.method.synthesize import synthesize_client, synthesize_from_prompts
+from fedbip_flower.models.classifier import batch_bounds, build_classifier, evaluate, train_classifier
 
 
 def _upload(cfg_dict, tiny_components, **over):
@@ -95,8 +95,8 @@ def test_short_last_batch_joins_the_one_before():
 
 
 def test_classifier_step_budget_is_the_same_for_every_set_size():
-    from fedbip_flower.classifier import train_classifier
     from fedbip_flower.config import ClassifierConfig
+    from fedbip_flower.models.classifier import train_classifier
 
     cfg = ClassifierConfig(steps=7, batch_size=8, epochs=1, augment=False)
     gen = torch.Generator().manual_seed(0)

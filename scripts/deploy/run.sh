@@ -11,4 +11,4 @@
 set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 case "${1:-}" in -h | --help) usage; exit 0 ;; esac
-exec "${PYTHON:-python}" -m fedbip_flower.deploy --deploy-dir "${FEDBIP_DEPLOY_DIR:-deploy}" run "$@"
+exec "${PYTHON:-python}" -m fedbip_flower.tools.deploy --deploy-dir "${FEDBIP_DEPLOY_DIR:-deploy}" run "$@"

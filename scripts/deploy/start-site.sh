@@ -30,4 +30,4 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 case "${1:-}" in -h | --help) usage; exit 0 ;; esac
 if [[ $# -lt 2 ]]; then usage >&2; exit 2; fi
-exec "${PYTHON:-python}" -m fedbip_flower.deploy --deploy-dir "${FEDBIP_DEPLOY_DIR:-deploy}" site "$@"
+exec "${PYTHON:-python}" -m fedbip_flower.tools.deploy --deploy-dir "${FEDBIP_DEPLOY_DIR:-deploy}" site "$@"

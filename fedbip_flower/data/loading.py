@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedbip_flower import shapes
 from fedbip_flower.config import SHAPES_DATASET, DataConfig
+from fedbip_flower.data import shapes
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,11 @@ in diffusers' textual-inversion format (S as one multi-vector token ``<site-doma
 class's V as a token ``<site-class>``), loadable with
 ``StableDiffusionPipeline.load_textual_inversion``::
 
-    python -m fedbip_flower.concepts export outputs/concepts --partition-id 0 --num-partitions 4
+    python -m fedbip_flower.tools.export_concepts outputs/concepts --partition-id 0 --num-partitions 4
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import weakref
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedbip_flower.embeddings import PromptLayout
+from fedbip_flower.method.embeddings import PromptLayout
 
 MANIFEST = "concepts.json"
 
@@ -175,7 +174,7 @@ class Concepts(nn.Module):
     @classmethod
     def from_payload(cls, payload, tokenizer) -> Concepts:
         """An upload's concepts as the server uses them (fixed, on the CPU)."""
-        from fedbip_flower.payload import prompt_layout
+        from fedbip_flower.federation.payload import prompt_layout
 
         return cls(
             prompt_layout(tokenizer, payload),
@@ -303,7 +302,7 @@ def textual_inversion_tokens(site: str, class_names: list[str], class_ids: list[
 def export_textual_inversion(payload, folder: str | Path, site: str | None = None) -> dict:
     """Write a site's input-injected concepts as diffusers textual-inversion embeddings.
 
-    ``payload`` is the site's :class:`~fedbip_flower.payload.ClientPayload`. One
+    ``payload`` is the site's :class:`~fedbip_flower.federation.payload.ClientPayload`. One
     ``.safetensors`` file per token, each a dict {token: tensor (n, D)} (diffusers' format
     holds one token per file; a token with n > 1 vectors loads as a multi-vector token):
     S as ``<site-domain>`` and each class's V as ``<site-class>``. ``concepts.json`` lists
@@ -371,66 +370,3 @@ def load_textual_inversion(pipe, folder: str | Path) -> dict:
     entries = [manifest["domain_token"], *manifest["classes"]]
     pipe.load_textual_inversion([str(folder / e["file"]) for e in entries], token=[e["token"] for e in entries])
     return manifest
-
-
-# ---------------------------------------------------------------------- command line
-def export_site(
-    run_config: dict, node_config: dict, folder: str | Path, site: str | None = None, progress: bool = True
-) -> dict:
-    """Personalize one site as its client does (same config, data and seed: the same
-    concepts it uploads) and export its concepts with :func:`export_textual_inversion`."""
-    from fedbip_flower.client import check_site_data, client_seed, config_from_record, template_for
-    from fedbip_flower.data import NodeConfig, load_client_data
-    from fedbip_flower.ldm import load_components
-    from fedbip_flower.personalize import first_inference_timestep, personalize
-
-    cfg = config_from_record(run_config)
-    if Injection(cfg.client.injection) is not Injection.INPUT:
-        raise ExportError(
-            f"client.injection={cfg.client.injection}: only input-injected concepts are token "
-            "embeddings; run with client.injection=input"
-        )
-    node = NodeConfig.from_node_config(node_config)
-    data = load_client_data(cfg.data, node, cfg.seed)
-    check_site_data(data, cfg, node)
-    comps = load_components(cfg.model.id, cfg.client.device, cfg.model.dtype)
-    t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
-    payload = personalize(comps, data, cfg.client, template_for(cfg), t, client_seed(cfg, node), progress)
-    return export_textual_inversion(payload, folder, site)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m fedbip_flower.concepts",
-        description="A site's learned concepts as textual-inversion embeddings.",
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="personalize one site and write its concepts for diffusers pipelines")
-    e.add_argument("out", type=Path, help="output folder (one .safetensors per token and concepts.json)")
-    e.add_argument("--run-config", default="", help='run config overrides, e.g. "seed=1 client.steps=200"')
-    e.add_argument("--partition-id", type=int, default=0)
-    e.add_argument("--num-partitions", type=int, default=1)
-    e.add_argument("--data-dir", default="", help="the site's image folder (instead of a partition)")
-    e.add_argument("--site", default=None, help="token prefix (default: the site's domain name)")
-    e.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    from flwr.common.config import parse_config_args
-
-    run_config = dict(parse_config_args([a.run_config])) if a.run_config else {}
-    node = {"partition-id": a.partition_id, "num-partitions": a.num_partitions, "data-dir": a.data_dir}
-    try:
-        m = export_site(run_config, node, a.out, a.site, progress=not a.no_progress)
-    except ExportError as err:
-        p.exit(2, f"error: {err}\n")
-    print(
-        f"wrote {1 + len(m['classes'])} token(s) to {a.out}: domain {m['domain_token']['token']}, classes "
-        + ", ".join(c["token"] for c in m["classes"])
-    )
-    print(
-        f"load them with fedbip_flower.concepts.load_textual_inversion(pipe, {str(a.out)!r}) (or one file with "
-        f"pipe.load_textual_inversion(path)); prompt e.g. {m['classes'][0]['prompt']!r}"
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ a free port with a private ``FLWR_HOME``, and always stops it.
 
 Main job (4 clients on the bundled benchmark's held-out styles)::
 
-    python -m fedbip_flower.launch --output-dir outputs
+    python -m fedbip_flower.tools.launch --output-dir outputs
 """
 
 from __future__ import annotations
@@ -432,9 +432,26 @@ def project_root() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here: this module also runs as a stdlib-only script (the reaper).
+    import click
+    from flwr.common.config import parse_config_args
+
+    from fedbip_flower.config import (
+        ConfigError,
+        FedBiPConfig,
+        experiment_names,
+        load_experiment,
+        run_config_string,
+    )
+
     p = argparse.ArgumentParser(description="Run FedBiP in Flower's simulation engine and check the run.")
     p.add_argument("--app", type=Path, default=None, help="app folder (default: this project)")
-    p.add_argument("--num-supernodes", type=int, default=4)
+    p.add_argument(
+        "--experiment",
+        default="",
+        help=f"experiment preset: {', '.join(experiment_names())} or a TOML run-config file; --run-config overrides it",
+    )
+    p.add_argument("--num-supernodes", type=int, default=None, help="default: the run config's min-clients")
     p.add_argument("--cpus-per-client", type=int, default=1)
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--run-config", default="", help='extra --run-config overrides, e.g. "seed=1"')
@@ -442,10 +459,20 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     t0 = time.time()
     try:
+        overrides = load_experiment(a.experiment) if a.experiment else {}
+        overrides.update(parse_config_args([a.run_config]) if a.run_config else {})
+        cfg = FedBiPConfig.from_run_config(overrides)
+    except (ConfigError, ValueError, click.ClickException) as err:
+        print(f"FedBiP run NOT STARTED: {getattr(err, 'message', err)}", file=sys.stderr)
+        return 2
+    # An experiment's overrides go to flwr re-serialized (one string, later keys win);
+    # without one, the user's string goes as it is.
+    run_config = run_config_string(overrides) if a.experiment else a.run_config
+    try:
         run, results = simulate(
             a.app or project_root(),
-            a.num_supernodes,
-            a.run_config,
+            a.num_supernodes or cfg.min_clients,
+            run_config,
             a.output_dir,
             cpus_per_client=a.cpus_per_client,
             timeout=a.timeout,

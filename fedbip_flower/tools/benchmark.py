@@ -5,13 +5,13 @@ same seeds) and the same classifier training; the federated exchange is run in-p
 (the Flower transport adds nothing to accuracy, and the apps are tested separately). The
 FedBiP methods run the ServerApp's own server side on their clients' uploads: each upload
 is serialized and validated as the app receives it, then
-:func:`~fedbip_flower.server_pipeline.build_global_model` (client order and seeds from the
+:func:`~fedbip_flower.federation.server_pipeline.build_global_model` (client order and seeds from the
 uploads) trains the classifier, so the ``fedbip`` row is what the Flower app gives for the
 same run config and seed.
 
-    python -m fedbip_flower.benchmark accuracy --settings shapes-feature --seeds 0,1,2
-    python -m fedbip_flower.benchmark speed
-    python -m fedbip_flower.benchmark accuracy --smoke      # seconds; what the tests run
+    python -m fedbip_flower.tools.benchmark accuracy --settings shapes-feature --seeds 0,1,2
+    python -m fedbip_flower.tools.benchmark speed
+    python -m fedbip_flower.tools.benchmark accuracy --smoke      # seconds; what the tests run
 
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (accuracy per client domain,
 mean +- std over seeds, upload bytes per client, client time, server time, privacy audit).
@@ -30,35 +30,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedbip_flower.classifier import build_classifier, evaluate, state_to_cpu, train_classifier
-from fedbip_flower.client import client_seed, template_for
-from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.data import ClientData, NodeConfig, load_client_data
-from fedbip_flower.ldm import load_components
-from fedbip_flower.payload import UPLOAD, ClientPayload, validate_reply
-from fedbip_flower.personalize import encode_images, first_inference_timestep, personalize
-from fedbip_flower.server_pipeline import GlobalModel, build_global_model
-from fedbip_flower.strategy import expected_for
-from fedbip_flower.synthesize import synthesize_client, synthesize_from_prompts
+from fedbip_flower.config import ConfigError, FedBiPConfig, load_experiment
+from fedbip_flower.data.loading import ClientData, NodeConfig, load_client_data
+from fedbip_flower.federation.client import client_seed, template_for
+from fedbip_flower.federation.payload import UPLOAD, ClientPayload, validate_reply
+from fedbip_flower.federation.server_pipeline import GlobalModel, build_global_model
+from fedbip_flower.federation.strategy import expected_for
+from fedbip_flower.method.personalize import encode_images, first_inference_timestep, personalize
+from fedbip_flower.method.synthesize import synthesize_client, synthesize_from_prompts
+from fedbip_flower.models.classifier import build_classifier, evaluate, state_to_cpu, train_classifier
+from fedbip_flower.models.ldm import load_components
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
-
-SETTINGS: dict[str, tuple[dict, int]] = {
-    "shapes-feature": ({"data.partition-by": "domain"}, 4),
-    "shapes-label-0.5": (
-        {"data.partition-by": "dirichlet", "data.alpha": 0.5, "data.domains": "satellite", "data.per-class": 100},
-        5,
-    ),
-    "shapes-label-0.01": (
-        {"data.partition-by": "dirichlet", "data.alpha": 0.01, "data.domains": "satellite", "data.per-class": 100},
-        5,
-    ),
-    "pacs-feature": (
-        {"data.dataset": "imagefolder", "data.data-dir": str(REPO.parent / "shared" / "data" / "pacs")},
-        4,
-    ),
-}
+# Settings are experiment presets (fedbip_flower/experiments/*.toml, TOML run-config files);
+# each site count is the preset's min-clients.
+SETTINGS = ("shapes-feature", "shapes-label-0.5", "shapes-label-0.01", "pacs-feature")
 # method -> (client config overrides, server config overrides, personalize kwargs)
 FEDBIP_METHODS: dict[str, tuple[dict, dict, dict]] = {
     "fedbip": ({}, {"server.multiplier": 1}, {}),
@@ -71,21 +57,11 @@ FEDBIP_METHODS: dict[str, tuple[dict, dict, dict]] = {
 }
 OTHER_METHODS = ("zero-shot", "fedavg-oneshot", "ensemble", "centralized")
 ALL_METHODS = tuple(FEDBIP_METHODS) + OTHER_METHODS
-# Every method's classifier gets the same number of SGD steps (ResNet-18, batch 64), whatever
-# its training-set size: FedBiP-M's 5x synthetic set does not buy it more optimisation than
-# FedBiP-S or the centralized oracle. Methods synthesize 1x unless they say otherwise (the main
-# job's default is 2x). Override with --run-config "classifier.steps=N".
-BENCH_DEFAULTS = {"classifier.steps": 300, "server.multiplier": 1}
-SMOKE = {
-    "server.multiplier": 1,
-    "data.per-class": 4,
-    "data.shots": 2,
-    "data.max-test-per-class": 2,
-    "client.steps": 2,
-    "client.batch-size": 8,
-    "server.inference-steps": 2,
-    "classifier.epochs": 1,
-}
+# Laid over every setting (experiments/benchmark.toml): every method's classifier gets the same
+# number of SGD steps whatever its training-set size, so FedBiP-M's 5x synthetic set does not
+# buy it more optimisation than FedBiP-S or the centralized oracle; methods synthesize 1x unless
+# they say otherwise (the main job's default is 2x). --smoke lays experiments/smoke.toml instead.
+# Override with --run-config "classifier.steps=N".
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -207,8 +183,10 @@ def run_setting(
     setting: str, methods: list[str], seed: int, extra: dict, progress: bool = False, audit: bool = True, on_method=None
 ) -> dict:
     """Run ``methods`` on one (setting, seed); ``on_method(partial_run)`` is called after each."""
-    overrides, n = SETTINGS[setting]
-    cfg = FedBiPConfig.from_run_config({**overrides, **extra, "seed": seed})
+    cfg = FedBiPConfig.from_run_config({**load_experiment(setting), **extra, "seed": seed})
+    n = cfg.min_clients
+    if cfg.data.dataset == "imagefolder" and not cfg.data.data_dir:
+        raise ConfigError(f"{setting}: give the image folder with --run-config \"data.data-dir='DIR'\"")
     comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
     t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
     datas = [load_client_data(cfg.data, NodeConfig(k, n), seed) for k in range(n)]
@@ -509,7 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=("accuracy", "speed", "merge"))
     p.add_argument("inputs", nargs="*", type=Path, help="merge: benchmark(.partial).json files of separate runs")
-    p.add_argument("--settings", default="shapes-feature", help=f"comma list of {', '.join(SETTINGS)}")
+    p.add_argument(
+        "--settings", default="shapes-feature", help=f"comma list of {', '.join(SETTINGS)} (or TOML run-config files)"
+    )
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--run-config", default="", help='extra overrides, e.g. "client.steps=60 classifier.epochs=20"')
@@ -524,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.common.config import parse_config_args
 
     extra = dict(parse_config_args([a.run_config])) if a.run_config else {}
-    extra = {**(SMOKE if a.smoke else BENCH_DEFAULTS), **extra}
+    extra = {**load_experiment("smoke" if a.smoke else "benchmark"), **extra}
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "speed":
         r = speed(extra, a.batch, images=a.images)

@@ -25,7 +25,7 @@ gives the same weights as an uninterrupted run.
 
 Usage (the shipped weights; see the model card for the exact command and its duration)::
 
-    python -m fedbip_flower.pretrain --output fedbip_flower/assets/fedbip-ldm-shapes \
+    python -m fedbip_flower.tools.pretrain --output fedbip_flower/assets/fedbip-ldm-shapes \
         --seed 0 --per-class 70 --vae-steps 600 --unet-steps 5500 \
         --tokenizer fedbip_flower/assets/fedbip-ldm-shapes
 """
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedbip_flower import shapes
+from fedbip_flower.data import shapes
 
 log = logging.getLogger(__name__)
 PROMPT = "a {style} style of a {cls}"
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("resumed after %d UNet steps", resumed["step"])
     meta = {
         "name": "fedbip-ldm-shapes",
-        "command": "python -m fedbip_flower.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m fedbip_flower.tools.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: str(v) for k, v in vars(a).items()},
         "pretraining_styles": list(shapes.PRETRAIN_STYLES),
         "heldout_styles": list(shapes.HELDOUT_STYLES),

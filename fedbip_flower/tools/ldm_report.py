@@ -14,7 +14,7 @@
 
 Usage::
 
-    python -m fedbip_flower.ldm_report --output docs
+    python -m fedbip_flower.tools.ldm_report --output docs
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbip_flower import shapes
-from fedbip_flower.classifier import evaluate, train_classifier
 from fedbip_flower.config import ClassifierConfig, ClientConfig, ServerConfig
-from fedbip_flower.ldm import load_components
-from fedbip_flower.pretrain import PROMPT
-from fedbip_flower.synthesize import synthesize_from_prompts
+from fedbip_flower.data import shapes
+from fedbip_flower.method.synthesize import synthesize_from_prompts
+from fedbip_flower.models.classifier import evaluate, train_classifier
+from fedbip_flower.models.ldm import load_components
+from fedbip_flower.tools.pretrain import PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,10 @@ def concept_recovery(
     """How far learned concepts reach: one client per style with ``shots`` images per class
     learns S and V (``client`` settings, concept level only), and its concept-only samples are
     judged beside plain-name prompts and the oracle prompt of the style's true factor words."""
-    from fedbip_flower.data import ClientData
-    from fedbip_flower.embeddings import DEFAULT_TEMPLATE
-    from fedbip_flower.personalize import personalize
-    from fedbip_flower.synthesize import synthesize_client
+    from fedbip_flower.data.loading import ClientData
+    from fedbip_flower.method.embeddings import DEFAULT_TEMPLATE
+    from fedbip_flower.method.personalize import personalize
+    from fedbip_flower.method.synthesize import synthesize_client
 
     res, tiles = {}, []
     client = replace(client, upload_latents=False)

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedbip_flower.classifier import build_classifier, evaluate
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.data import ClientData, DataError, NodeConfig, load_client_data
-from fedbip_flower.embeddings import PRESETS
-from fedbip_flower.ldm import load_components, pick_device
-from fedbip_flower.payload import META
-from fedbip_flower.personalize import first_inference_timestep, personalize
+from fedbip_flower.data.loading import ClientData, DataError, NodeConfig, load_client_data
+from fedbip_flower.federation.payload import META, ClientPayload
+from fedbip_flower.method.embeddings import PRESETS
+from fedbip_flower.method.personalize import first_inference_timestep, personalize
+from fedbip_flower.models.classifier import build_classifier, evaluate
+from fedbip_flower.models.ldm import load_components, pick_device
 
 log = logging.getLogger(__name__)
 _FLOWER_KEYS = ("server-round",)
@@ -56,7 +56,7 @@ def check_site_data(data: ClientData, cfg: FedBiPConfig, node: NodeConfig) -> No
     per_class = [c for c in counts if c]
     fewest = min(per_class) if per_class else 0
     more = (
-        f"`python -m fedbip_flower.deploy make-site-data ... --per-class {cfg.data.shots + 8}`"
+        f"`python -m fedbip_flower.tools.deploy make-site-data ... --per-class {cfg.data.shots + 8}`"
         if node.data_dir
         else f"data.per-class={cfg.data.shots + 8} for the bundled data"
     )
@@ -70,17 +70,20 @@ def check_site_data(data: ClientData, cfg: FedBiPConfig, node: NodeConfig) -> No
     )
 
 
-def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any], progress: bool = True) -> RecordDict:
+def personalize_site(cfg: FedBiPConfig, node_config: dict[str, Any], progress: bool = True) -> ClientPayload:
     """Load this site's data, check it splits into training and test images, run bi-level
-    personalization, return the one upload."""
-    cfg = config_from_record(config)
+    personalization: the site's upload, as a payload."""
     node = NodeConfig.from_node_config(node_config)
     data = load_client_data(cfg.data, node, cfg.seed)
     check_site_data(data, cfg, node)
     comps = load_components(cfg.model.id, cfg.client.device, cfg.model.dtype)
     t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
-    payload = personalize(comps, data, cfg.client, template_for(cfg), t, client_seed(cfg, node), progress)
-    return payload.to_record_dict()
+    return personalize(comps, data, cfg.client, template_for(cfg), t, client_seed(cfg, node), progress)
+
+
+def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any], progress: bool = True) -> RecordDict:
+    """Personalize this site (:func:`personalize_site`) and return the one upload."""
+    return personalize_site(config_from_record(config), node_config, progress).to_record_dict()
 
 
 def run_evaluate(

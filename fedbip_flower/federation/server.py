@@ -30,10 +30,10 @@ from flwr.serverapp import Grid
 
 from fedbip_flower import __version__
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.ldm import load_components
-from fedbip_flower.payload import safe_filename, safe_text
-from fedbip_flower.shapes import image_grid
-from fedbip_flower.strategy import FedBiPStrategy
+from fedbip_flower.data.shapes import image_grid
+from fedbip_flower.federation.payload import safe_filename, safe_text
+from fedbip_flower.federation.strategy import FedBiPStrategy
+from fedbip_flower.models.ldm import load_components
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _write_artifacts(strategy: FedBiPStrategy, run_dir: Path) -> Path | None:
     returns the classifier's path (None if there is none)."""
     from safetensors.torch import save_file
 
-    from fedbip_flower.classifier import state_to_cpu
+    from fedbip_flower.models.classifier import state_to_cpu
 
     for nid, (x, y) in strategy.synthetic.items():
         name = safe_filename(strategy.clients[nid].domain)

@@ -3,7 +3,7 @@
 A prompt is token ids with ``n_s`` positions for S and ``n_v`` for V. The slots hold the
 natural words' token ids (domain name, class name), so without learned concepts the prompt
 is the plain "a {domain} style of a {class}". Learned vectors replace the slots either at the
-text encoder's input or at its output: see :mod:`fedbip_flower.concepts`.
+text encoder's input or at its output: see :mod:`fedbip_flower.method.concepts`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Train phase: wait for ``min-clients`` nodes, send every connected node the personalization
 instruction, validate each reply (a bad or failed reply is rejected with a logged reason
 naming the node), then run the server pipeline shared with the benchmark
-(:func:`~fedbip_flower.server_pipeline.build_global_model`): synthesize a training set from
+(:func:`~fedbip_flower.federation.server_pipeline.build_global_model`): synthesize a training set from
 the good uploads, in an order and with seeds fixed by the uploads themselves, and train the
 global classifier. Evaluate phase: send the classifier to every instructed node still
 online, which scores it on its private test split.
@@ -34,10 +34,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedbip_flower.classifier import state_to_cpu
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.ldm import LDMComponents
-from fedbip_flower.payload import (
+from fedbip_flower.federation.payload import (
     META,
     UPLOAD,
     ClientPayload,
@@ -46,8 +44,10 @@ from fedbip_flower.payload import (
     safe_text,
     validate_reply,
 )
-from fedbip_flower.server_pipeline import build_global_model
-from fedbip_flower.synthesize import synthesize_client
+from fedbip_flower.federation.server_pipeline import build_global_model
+from fedbip_flower.method.synthesize import synthesize_client
+from fedbip_flower.models.classifier import state_to_cpu
+from fedbip_flower.models.ldm import LDMComponents
 
 log = logging.getLogger(__name__)
 MAX_REASON_BYTES = 600  # a rejection reason or evaluation note, as logged and stored
@@ -240,7 +240,7 @@ class FedBiPStrategy(Strategy):
         self._require_min_clients(" left after synthesis")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """Intake, then the server pipeline (:func:`~fedbip_flower.server_pipeline.build_global_model`).
+        """Intake, then the server pipeline (:func:`~fedbip_flower.federation.server_pipeline.build_global_model`).
 
         Client order and synthesis seeds follow from the accepted uploads alone, never from
         node ids or the order of the replies: the benchmark's FedBiP rows run the same

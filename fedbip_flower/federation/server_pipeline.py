@@ -1,6 +1,6 @@
 """The server's one pipeline: validated uploads -> synthetic training set -> global classifier.
 
-:func:`build_global_model` is what the ServerApp (:class:`~fedbip_flower.strategy.FedBiPStrategy`)
+:func:`build_global_model` is what the ServerApp (:class:`~fedbip_flower.federation.strategy.FedBiPStrategy`)
 runs after its intake, and what the benchmark's FedBiP methods run on the uploads of their
 in-process clients, so the benchmark's ``fedbip`` row is the app's result for the same
 config and seed.
@@ -32,11 +32,11 @@ from typing import TypeVar
 
 import torch
 
-from fedbip_flower.classifier import train_classifier
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.ldm import LDMComponents
-from fedbip_flower.payload import ClientPayload, safe_text
-from fedbip_flower.synthesize import synthesize_client
+from fedbip_flower.federation.payload import ClientPayload, safe_text
+from fedbip_flower.method.synthesize import synthesize_client
+from fedbip_flower.models.classifier import train_classifier
+from fedbip_flower.models.ldm import LDMComponents
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)

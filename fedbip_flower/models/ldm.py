@@ -64,7 +64,7 @@ def bundled_model_path() -> Path:
     """Folder of the shipped LDM, wherever the package is installed."""
     env = os.environ.get("FEDBIP_BUNDLED_MODEL")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent / "assets" / BUNDLED_NAME)
+    candidates.append(Path(__file__).resolve().parents[1] / "assets" / BUNDLED_NAME)
     candidates += [Path(p) / _REL for p in sys.path if p]
     for c in candidates:
         if (c / "model_index.json").is_file():

@@ -14,12 +14,12 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from fedbip_flower import embeddings
-from fedbip_flower.concepts import Concepts
 from fedbip_flower.config import ServerConfig
-from fedbip_flower.ldm import LDMComponents
-from fedbip_flower.payload import ClientPayload
-from fedbip_flower.pipeline import FedBiPSynthesisPipeline
+from fedbip_flower.federation.payload import ClientPayload
+from fedbip_flower.method import embeddings
+from fedbip_flower.method.concepts import Concepts
+from fedbip_flower.method.pipeline import FedBiPSynthesisPipeline
+from fedbip_flower.models.ldm import LDMComponents
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ caught by the per-client guard: the node is rejected, but validation should have
 problem), ``synth-failed`` (accepted, then synthesis failed: validation missed something)
 and ``crashed`` (an exception escaped the strategy: the run would have failed).
 
-    python -m fedbip_flower.fuzz --replies 2000            # the bundled LDM, seed 0
+    python -m fedbip_flower.tools.fuzz --replies 2000            # the bundled LDM, seed 0
 
 The random choices come from a :class:`Source`; tests drive the same mutations from
 hypothesis (``tests/test_fuzz_intake.py``).
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedbip_flower.payload import META, METRICS, UPLOAD, ClientPayload
+from fedbip_flower.federation.payload import META, METRICS, UPLOAD, ClientPayload
 
 log = logging.getLogger(__name__)
 SKIPPED: Counter = Counter()  # mutations that could not be applied (the record types refused them)
@@ -543,7 +543,7 @@ class Result:
 
 def try_upload(strategy, nid: int, content: RecordDict | Error, seed: int) -> tuple[str, str]:
     """Feed one upload to ``strategy`` as a round's only reply; returns (outcome, detail)."""
-    from fedbip_flower.strategy import ClientRecord
+    from fedbip_flower.federation.strategy import ClientRecord
 
     msg = _instruction(nid)
     strategy.clients = {nid: ClientRecord(nid)}
@@ -581,7 +581,7 @@ def try_upload(strategy, nid: int, content: RecordDict | Error, seed: int) -> tu
 
 def try_evaluation(strategy, nid: int, content: RecordDict | Error) -> tuple[str, str]:
     """Feed one evaluation reply to ``aggregate_evaluate``; returns (outcome, detail)."""
-    from fedbip_flower.strategy import ClientRecord
+    from fedbip_flower.federation.strategy import ClientRecord
 
     msg = _instruction(nid, "evaluate")
     strategy.clients = {nid: ClientRecord(nid, status="accepted")}
@@ -598,7 +598,7 @@ def try_evaluation(strategy, nid: int, content: RecordDict | Error) -> tuple[str
 
 def try_full_round(strategy, model: Model, content: RecordDict | Error, seed: int) -> tuple[str, str]:
     """``aggregate_train`` with the fuzzed reply beside two honest ones (min-clients 2)."""
-    from fedbip_flower.strategy import ClientRecord
+    from fedbip_flower.federation.strategy import ClientRecord
 
     msgs = {nid: _instruction(nid) for nid in (1, 2, 3)}
     strategy.clients = {nid: ClientRecord(nid) for nid in msgs}
@@ -619,8 +619,8 @@ def try_full_round(strategy, model: Model, content: RecordDict | Error, seed: in
 
 def make_strategy(model_id: str = "bundled", device: str = "cpu", overrides: dict | None = None):
     from fedbip_flower.config import FedBiPConfig
-    from fedbip_flower.ldm import load_components
-    from fedbip_flower.strategy import FedBiPStrategy
+    from fedbip_flower.federation.strategy import FedBiPStrategy
+    from fedbip_flower.models.ldm import load_components
 
     run_config = {
         "model.id": model_id,
@@ -681,7 +681,7 @@ def fuzz(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedbip_flower.fuzz", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedbip_flower.tools.fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--replies", type=int, default=2000, help="fuzzed uploads to try (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="bundled", help="model.id of the server (default: the bundled LDM)")

@@ -6,7 +6,7 @@ late timestep T. A class with a single image has no partner: its latent is noise
 (gamma = 1), which the noise at T already makes hard to invert.
 
 Concept level: optimise only the domain concept S and the class concepts V
-(:class:`~fedbip_flower.concepts.Concepts`) with the diffusion loss of the scheduler's prediction
+(:class:`~fedbip_flower.method.concepts.Concepts`) with the diffusion loss of the scheduler's prediction
 type; the LDM stays frozen. Latents are cached and the frozen parts run without weight
 gradients, so the UNet dominates each step.
 """
@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedbip_flower import embeddings
-from fedbip_flower.concepts import Concepts
 from fedbip_flower.config import ClientConfig
-from fedbip_flower.data import ClientData
-from fedbip_flower.ldm import LDMComponents
-from fedbip_flower.payload import ClientPayload
+from fedbip_flower.data.loading import ClientData
+from fedbip_flower.federation.payload import ClientPayload
+from fedbip_flower.method import embeddings
+from fedbip_flower.method.concepts import Concepts
+from fedbip_flower.models.ldm import LDMComponents
 
 log = logging.getLogger(__name__)
 

@@ -288,7 +288,7 @@ def validate_reply(content: RecordDict, exp: Expected) -> ClientPayload:
 
 def prompt_layout(tokenizer, payload: ClientPayload):
     """The prompt layout synthesis uses for ``payload`` (one row per row of ``v``)."""
-    from fedbip_flower.embeddings import build_layout
+    from fedbip_flower.method.embeddings import build_layout
 
     return build_layout(
         tokenizer,

@@ -8,7 +8,7 @@ The topology is Flower 1.42's "process isolation" (the same as ``docker/compose.
       +-- flower-superexec          runs the site's ClientApp
 
 The scripts in ``scripts/deploy/`` are thin wrappers around this module's command line
-(``python -m fedbip_flower.deploy --help``), and ``tests/test_deployment.py`` builds its
+(``python -m fedbip_flower.tools.deploy --help``), and ``tests/test_deployment.py`` builds its
 loopback deployment from the same functions, so the commands the docs show are the
 commands the test runs.
 
@@ -35,10 +35,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedbip_flower import shapes
 from fedbip_flower.config import DataConfig
-from fedbip_flower.data import DataError, shrink_imagefolder
-from fedbip_flower.launch import (
+from fedbip_flower.data import shapes
+from fedbip_flower.data.loading import DataError, shrink_imagefolder
+from fedbip_flower.tools.launch import (
     BIN,
     LaunchError,
     Processes,
@@ -91,7 +91,7 @@ def write_site(
     images per class; a site needs more images per class than ``data.shots`` to keep a test
     split (see :func:`split_note`).
 
-    Layout (what ``data-dir`` in a node config must name; see ``fedbip_flower.data``)::
+    Layout (what ``data-dir`` in a node config must name; see ``fedbip_flower.data.loading``)::
 
         <out_dir>/classes.txt                  class names, one per line (label = line index)
         <out_dir>/train/metadata.csv           file_name,label,domain
@@ -591,7 +591,7 @@ class Deployment:
 
 def scripts_dir() -> Path:
     """``scripts/deploy`` of the project (a source checkout)."""
-    return Path(__file__).resolve().parents[1] / "scripts" / "deploy"
+    return Path(__file__).resolve().parents[2] / "scripts" / "deploy"
 
 
 def _script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
@@ -676,14 +676,14 @@ def quick_try(
 
 # ----------------------------------------------------------------------------- command line
 def _project_root() -> Path:
-    from fedbip_flower.launch import project_root
+    from fedbip_flower.tools.launch import project_root
 
     return project_root()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fedbip_flower.deploy",
+        prog="python -m fedbip_flower.tools.deploy",
         description="FedBiP multi-site deployment helpers (see docs/deployment.md).",
     )
     p.add_argument(
