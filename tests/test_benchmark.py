@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from fedbip_flower.config import load_experiment
@@ -83,3 +86,18 @@ def test_merge_joins_methods_per_setting_and_seed(tmp_path):
     f3.write_text(json.dumps({"runs": [_run(0, ["z"], 0.9, config={"seed": 0, "classifier.epochs": 150})]}))
     with pytest.raises(ValueError, match="another configuration"):
         benchmark.merge_runs([f1, f3])
+
+
+def test_a_stopped_benchmark_resumes_where_it_stopped(tiny_model, tmp_path, caplog):
+    rc = f"model.id='{tiny_model}' data.domains='medical,satellite'"
+    args = ["accuracy", "--smoke", "--seeds", "0", "--no-audit", "--out", str(tmp_path), "--run-config", rc]
+    benchmark.main([*args, "--methods", "fedbip,zero-shot"])
+    first = json.loads((tmp_path / "benchmark.partial.json").read_text())["runs"][0]["methods"]
+    caplog.set_level("INFO")
+    benchmark.main([*args, "--methods", "fedbip,zero-shot,centralized", "--resume"])
+    run = json.loads((tmp_path / "benchmark.json").read_text())["runs"]
+    assert len(run) == 1 and set(run[0]["methods"]) == {"fedbip", "zero-shot", "centralized"}
+    assert run[0]["methods"]["fedbip"] == first["fedbip"]  # kept, not run again
+    assert "fedbip: kept from the earlier run" in caplog.text and "] centralized" in caplog.text
+    with pytest.raises(ValueError, match="another config"):
+        benchmark.main([*args[:-1], rc + " seed=0 client.steps=3", "--methods", "fedbip", "--resume"])

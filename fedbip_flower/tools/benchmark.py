@@ -180,10 +180,22 @@ def fedbip_server(
 
 
 def run_setting(
-    setting: str, methods: list[str], seed: int, extra: dict, progress: bool = False, audit: bool = True, on_method=None
+    setting: str,
+    methods: list[str],
+    seed: int,
+    extra: dict,
+    progress: bool = False,
+    audit: bool = True,
+    on_method=None,
+    resume: dict | None = None,
 ) -> dict:
-    """Run ``methods`` on one (setting, seed); ``on_method(partial_run)`` is called after each."""
+    """Run ``methods`` on one (setting, seed); ``on_method(partial_run)`` is called after each.
+
+    ``resume``: an earlier (possibly partial) run of the same setting, seed and config; its
+    finished methods (and privacy audit) are kept, not run again."""
     cfg = FedBiPConfig.from_run_config({**load_experiment(setting), **extra, "seed": seed})
+    if resume is not None and resume.get("config") != cfg.to_run_config():
+        raise ValueError(f"cannot resume {setting} seed {seed}: the earlier run used another config")
     n = cfg.min_clients
     if cfg.data.dataset == "imagefolder" and not cfg.data.data_dir:
         raise ConfigError(f"{setting}: give the image folder with --run-config \"data.data-dir='DIR'\"")
@@ -215,6 +227,10 @@ def run_setting(
         record(name, model, stats, len(x), bytes_, client_s, server_t0)
 
     for m in methods:
+        if resume is not None and m in resume.get("methods", {}):
+            results[m] = resume["methods"][m]
+            log.info("[%s seed %d] %s: kept from the earlier run", setting, seed, m)
+            continue
         log.info("[%s seed %d] %s", setting, seed, m)
         t0 = time.time()
         if m in FEDBIP_METHODS:
@@ -305,8 +321,8 @@ def run_setting(
                     "complete": False,
                 }
             )
-    privacy = None
-    if audit and setting.startswith("shapes"):
+    privacy = (resume or {}).get("privacy")
+    if privacy is None and audit and setting.startswith("shapes"):
         privacy = privacy_audit(comps, cfg, datas[0], seed)
     return {
         "setting": setting,
@@ -496,6 +512,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny scale (seconds), for tests")
     p.add_argument("--no-audit", action="store_true", help="skip the privacy audit")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    p.add_argument(
+        "--resume", action="store_true", help="keep the finished methods of OUT/benchmark.partial.json, run the rest"
+    )
     p.add_argument("--progress", action="store_true")
     p.add_argument("--batch", type=int, default=32, help="speed: client batch size")
     p.add_argument("--images", type=int, default=64, help="speed: images to synthesize")
@@ -527,13 +546,20 @@ def main(argv: list[str] | None = None) -> None:
     else:
         runs = []
         partial = a.out / "benchmark.partial.json"
+        earlier = {}
+        if a.resume and partial.is_file():
+            earlier = {(r["setting"], r["seed"]): r for r in json.loads(partial.read_text())["runs"]}
+            wanted = {(s, int(seed)) for s in a.settings.split(",") for seed in a.seeds.split(",")}
+            runs = [r for key, r in earlier.items() if key not in wanted]  # kept, never overwritten
         for s in a.settings.split(","):
             for seed in a.seeds.split(","):
                 # Written after every method: a long run that is stopped keeps what it did.
                 def save(run, done=tuple(runs)):
                     partial.write_text(json.dumps({"runs": [*done, run]}, indent=2, default=float))
 
-                runs.append(run_setting(s, a.methods.split(","), int(seed), extra, a.progress, not a.no_audit, save))
+                before = earlier.get((s, int(seed)))
+                methods = a.methods.split(",")
+                runs.append(run_setting(s, methods, int(seed), extra, a.progress, not a.no_audit, save, before))
                 save(runs[-1], tuple(runs[:-1]))
     table = summarize(runs)
     audited = any(r.get("privacy") for r in runs)
