@@ -42,7 +42,7 @@ from fedbip_flower.tools.launch import (
     BIN,
     LaunchError,
     Processes,
-    find_results,
+    checked_results,
     flower_env,
     flwr_run,
     free_port,
@@ -629,15 +629,7 @@ def checked_run(
     rc = f"output-dir='{output_dir}'" + (f" {run_config}" if run_config else "")
     run_id, _ = flwr_run(app, connection, env, rc, timeout=timeout, echo=echo)
     run = run_status(run_id, connection, env)
-    path = find_results(output_dir, run_id)
-    results = json.loads(path.read_text()) if path else {}
-    if run.get("status") != "finished:completed":
-        detail = run.get("status-details") or results.get("error") or ""
-        raise LaunchError(f"run {run_id} ended as {run.get('status')!r}: {detail}")
-    if not results:
-        raise LaunchError(f"run {run_id} completed but wrote no results.json under {output_dir}")
-    results["results_path"] = str(path)
-    return run, results
+    return run, checked_results(run, run_id, output_dir)
 
 
 def quick_try(

@@ -413,6 +413,11 @@ def simulate(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    return run, checked_results(run, run_id, output_dir)
+
+
+def checked_results(run: dict, run_id: int | str, output_dir: Path) -> dict:
+    """The run's results.json, with its path; raises unless the run really completed and wrote one."""
     path = find_results(output_dir, run_id)
     results = json.loads(path.read_text()) if path else {}
     if run.get("status") != "finished:completed":
@@ -421,7 +426,7 @@ def simulate(
     if not results:
         raise LaunchError(f"run {run_id} completed but wrote no results.json under {output_dir}")
     results["results_path"] = str(path)
-    return run, results
+    return results
 
 
 def project_root() -> Path:
