@@ -101,3 +101,14 @@ def test_a_stopped_benchmark_resumes_where_it_stopped(tiny_model, tmp_path, capl
     assert "fedbip: kept from the earlier run" in caplog.text and "] centralized" in caplog.text
     with pytest.raises(ValueError, match="another config"):
         benchmark.main([*args[:-1], rc + " seed=0 client.steps=3", "--methods", "fedbip", "--resume"])
+
+
+def test_merge_ignores_the_epoch_count_under_a_step_budget(tmp_path):
+    f1, f2 = tmp_path / "a.json", tmp_path / "b.json"
+    budget = {"seed": 0, "classifier.steps": 300}
+    f1.write_text(json.dumps({"runs": [_run(0, ["x"], 0.5, config={**budget, "classifier.epochs": 25})]}))
+    f2.write_text(json.dumps({"runs": [_run(0, ["y"], 0.4, config={**budget, "classifier.epochs": 30})]}))
+    assert sorted(benchmark.merge_runs([f1, f2])[0]["methods"]) == ["x", "y"]
+    f2.write_text(json.dumps({"runs": [_run(0, ["y"], 0.4, config={**budget, "classifier.steps": 200})]}))
+    with pytest.raises(ValueError, match="another configuration"):
+        benchmark.merge_runs([f1, f2])

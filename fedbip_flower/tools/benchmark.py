@@ -194,7 +194,7 @@ def run_setting(
     ``resume``: an earlier (possibly partial) run of the same setting, seed and config; its
     finished methods (and privacy audit) are kept, not run again."""
     cfg = FedBiPConfig.from_run_config({**load_experiment(setting), **extra, "seed": seed})
-    if resume is not None and resume.get("config") != cfg.to_run_config():
+    if resume is not None and comparable(resume.get("config")) != comparable(cfg.to_run_config()):
         raise ValueError(f"cannot resume {setting} seed {seed}: the earlier run used another config")
     n = cfg.min_clients
     if cfg.data.dataset == "imagefolder" and not cfg.data.data_dir:
@@ -334,6 +334,15 @@ def run_setting(
     }
 
 
+def comparable(config: dict | None) -> dict:
+    """A run's config without the keys that cannot change its numbers: with a step budget
+    (``classifier.steps`` > 0) the epoch count is unused."""
+    config = dict(config or {})
+    if config.get("classifier.steps", 0) > 0:
+        config.pop("classifier.epochs", None)
+    return config
+
+
 def merge_runs(paths: list[Path]) -> list[dict]:
     """The runs of several benchmark JSON files (e.g. one process per (setting, seed)).
 
@@ -349,7 +358,7 @@ def merge_runs(paths: list[Path]) -> list[dict]:
                 merged[key] = {**r, "methods": dict(r["methods"])}
                 continue
             m = merged[key]
-            if m.get("config") != r.get("config"):
+            if comparable(m.get("config")) != comparable(r.get("config")):
                 raise ValueError(f"{path}: {key} was run with another configuration; not merged")
             m["methods"].update(r["methods"])
             m["privacy"] = r.get("privacy") or m.get("privacy")
