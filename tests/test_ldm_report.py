@@ -7,7 +7,7 @@ import torch
 
 from fedbip_flower.config import ClientConfig, ServerConfig
 from fedbip_flower.data import shapes
-from fedbip_flower.tools.ldm_report import concept_recovery, train_judges
+from fedbip_flower.tools.ldm_report import OTHER, _judge_combos, concept_recovery, train_judges
 
 
 def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_components, tmp_path):
@@ -26,7 +26,19 @@ def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_componen
         for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt"):
             v = res[style][kind]
             assert 0.0 <= v["recognised_as_target_style"] <= 1.0 and 0.0 <= v["class_accuracy"] <= 1.0
-            assert v["most_common_verdict"] in shapes.STYLES
+            assert v["most_common_verdict"] in (*shapes.STYLES, OTHER)
     # the mean covers the reachable client styles only
     mean = res["mean_over_client_styles"]["learned_concepts"]
     assert np.isclose(mean["class_accuracy"], res["medical"]["learned_concepts"]["class_accuracy"])
+
+
+def test_style_judge_knows_near_misses_of_the_client_styles():
+    combos = _judge_combos(0)
+    named = set(shapes.STYLE_FACTORS.values())
+    assert combos and not set(combos) & named and len(set(combos)) == len(combos)
+    for s in shapes.HELDOUT_STYLES + shapes.CONTROL_STYLES:
+        target = shapes.STYLE_FACTORS[s]
+        near = [c for c in combos if sum(a == b for a, b in zip(c, target, strict=True)) == 3]
+        # every way of getting exactly one factor wrong that is not itself a named style
+        n_named = sum(sum(a == b for a, b in zip(c, target, strict=True)) == 3 for c in named)
+        assert len(near) == sum(len(v) - 1 for v in shapes.FACTORS.values()) - n_named, s

@@ -28,6 +28,8 @@ def _args(out, steps):
         str(out),
         "--per-class",
         "1",
+        "--combo-per-class",
+        "0",
         "--vae-steps",
         "2",
         "--vae-batch",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
@@ -52,18 +54,56 @@ def test_styles_are_distinct_factor_combinations():
     assert shapes.describe("medical") == " ".join(shapes.STYLE_FACTORS["medical"])
 
 
-def test_client_style_names_never_occur_in_pretraining_captions():
-    from fedbip_flower.tools.pretrain import captions
+def test_unnamed_combinations_teach_composition_but_keep_client_styles_new():
+    combos = shapes.PRETRAIN_COMBOS
+    assert len(set(combos)) == len(combos) >= 100
+    named = set(shapes.STYLE_FACTORS.values())
+    assert not set(combos) & named
+    for combo in combos:
+        assert not set(combo) & shapes.UNSEEN_VALUES
+        assert all(val in vals for val, vals in zip(combo, shapes.FACTORS.values(), strict=True))
+    pretrain = list(combos) + [shapes.STYLE_FACTORS[s] for s in shapes.PRETRAIN_STYLES]
+    for s in shapes.HELDOUT_STYLES:
+        target = shapes.STYLE_FACTORS[s]
+        # no pretraining image shares three or more factor values with a client style ...
+        assert max(sum(a == b for a, b in zip(c, target, strict=True)) for c in pretrain) <= 2, s
+        # ... but every pair of its values occurs together somewhere
+        for i, j in itertools.combinations(range(len(target)), 2):
+            assert any(c[i] == target[i] and c[j] == target[j] for c in pretrain), (s, i, j)
 
-    n = len(shapes.PRETRAIN_STYLES)
-    labels = np.arange(200) % len(shapes.CLASSES)
-    styles = np.array([shapes.STYLES.index(shapes.PRETRAIN_STYLES[i % n]) for i in range(200)])
-    caps = captions(labels, styles, seed=0)
-    assert any(shapes.describe(shapes.PRETRAIN_STYLES[0]) in c for c in caps)  # factor words are used
-    assert any(f" {shapes.PRETRAIN_STYLES[0]} style" in c for c in caps)  # and names
-    vocab = " ".join(caps + [shapes.describe(s) for s in shapes.PRETRAIN_STYLES] + list(shapes.PRETRAIN_STYLES))
+
+def test_combination_samples_are_pure_and_checked():
+    combo = shapes.PRETRAIN_COMBOS[0]
+    a = shapes.render_combo(combo, "star", 1, seed=3)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    assert np.array_equal(a, shapes.render_combo(combo, "star", 1, seed=3))
+    assert not np.array_equal(a, shapes.render_combo(combo, "star", 2, seed=3))
+    assert not np.array_equal(a, shapes.render_combo(shapes.PRETRAIN_COMBOS[1], "star", 1, seed=3))
+    imgs, labels, idx = shapes.render_combos(shapes.PRETRAIN_COMBOS[:2], 2, seed=3)
+    assert imgs.shape == (2 * 10 * 2, 32, 32, 3) and np.bincount(idx).tolist() == [20, 20]
+    assert np.array_equal(imgs[labels.tolist().index(3) + 1], a)  # combo 0, class star, index 1
+    with pytest.raises(ValueError, match="factor value"):
+        shapes.render_combo(("colorful", "plain", "filled", "smudged"), "star", 0)
+    with pytest.raises(ValueError, match="4 factor values"):
+        shapes.render_combo(("colorful", "plain"), "star", 0)
+
+
+def test_client_style_names_never_occur_in_pretraining_captions():
+    from fedbip_flower.tools.pretrain import captions, pretraining_set
+
+    imgs, labels, names, words = pretraining_set(per_class=1, combo_per_class=1, seed=0, resolution=32)
+    n_named = len(shapes.PRETRAIN_STYLES) * len(shapes.CLASSES)
+    assert len(imgs) == len(labels) == len(names) == n_named + len(shapes.PRETRAIN_COMBOS) * len(shapes.CLASSES)
+    assert names[n_named] is None and names[0] == shapes.PRETRAIN_STYLES[0]
+    caps = captions(labels, names, words, seed=0)
+    assert any(shapes.describe(shapes.PRETRAIN_STYLES[0]) in c for c in caps[:n_named])  # factor words are used
+    assert any(f" {shapes.PRETRAIN_STYLES[0]} style" in c for c in caps[:n_named])  # and names
+    assert caps[n_named] == f"a {' '.join(shapes.PRETRAIN_COMBOS[0])} style of a {shapes.CLASSES[labels[n_named]]}"
+    vocab = " ".join(caps + list(shapes.PRETRAIN_STYLES))
     for name in shapes.HELDOUT_STYLES + shapes.CONTROL_STYLES:
         assert name not in vocab
+    # the control's palette never occurs in any caption either
+    assert not any(v in vocab for v in shapes.UNSEEN_VALUES)
 
 
 def test_styles_differ_from_each_other():

@@ -5,22 +5,26 @@ colour per sample. A *style* (a domain) is one value of each of four independent
 factors (``FACTORS``): the palette, the background texture, how the shape is drawn, and a
 degradation. ``STYLE_FACTORS`` names 41 combinations:
 
-- 36 pretraining styles (``PRETRAIN_STYLES``): what the bundled LDM is trained on; every
-  factor value but the control's occurs in several of them;
+- 36 named pretraining styles (``PRETRAIN_STYLES``); every factor value but the control's
+  occurs in several of them. The bundled LDM is trained on them and on 788 unnamed
+  combinations (``PRETRAIN_COMBOS``, captioned by their factor words), so it learns how the
+  factors compose;
 - 4 client styles (``HELDOUT_STYLES``: medical, satellite, thermal, chalkboard): each a
-  combination of values that all occur in pretraining but never together, under a name no
-  pretraining caption uses; this is FedBiP's premise (the LDM can draw what the client needs
+  combination of values that all occur in pretraining, each pair of them together but never
+  three, under a name no pretraining caption uses; this is FedBiP's premise (the LDM can draw what the client needs
   but does not know the client's domain);
 - 1 out-of-reach control (``CONTROL_STYLES``: ultraviolet) with a palette no pretraining
   style has, to show where personalization stops.
 
 ``describe(style)`` gives a style's factor words ("grayscale vignette glowing speckled").
-Every sample is a pure function of ``(seed, style, class, index)``, so any subset can be
+Every sample is a pure function of ``(seed, style, class, index)`` (``render_combo``: of the
+factor values instead of a style), so any subset can be
 regenerated in any order and the same call always yields the same pixels.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -333,6 +337,23 @@ PRETRAIN_STYLES: tuple[str, ...] = tuple(
 STYLES: tuple[str, ...] = tuple(STYLE_FACTORS)
 
 
+def _near_client_style(combo: tuple[str, ...]) -> bool:
+    """True when ``combo`` shares three or more factor values with a client style."""
+    return any(sum(a == b for a, b in zip(combo, STYLE_FACTORS[s], strict=True)) >= 3 for s in HELDOUT_STYLES)
+
+
+#: Unnamed pretraining combinations, captioned by their factor words only: every combination
+#: of seen factor values except the named styles and any that shares three or more values with
+#: a client style. So the LDM learns how factors compose from hundreds of combinations, while
+#: every client style stays at least two factors away from anything it saw (each pair of a
+#: client style's values does occur; no triple does).
+PRETRAIN_COMBOS: tuple[tuple[str, str, str, str], ...] = tuple(
+    c
+    for c in itertools.product(*(tuple(v for v in vals if v not in UNSEEN_VALUES) for vals in FACTORS.values()))
+    if c not in set(STYLE_FACTORS.values()) and not _near_client_style(c)
+)
+
+
 def describe(style: str) -> str:
     """The style's factor words, e.g. ``"grayscale vignette glowing speckled"``."""
     if style not in STYLE_FACTORS:
@@ -340,8 +361,8 @@ def describe(style: str) -> str:
     return " ".join(STYLE_FACTORS[style])
 
 
-def _render_style(style, rng, m, e, light, res):
-    pal, bgn, drw, deg = STYLE_FACTORS[style]
+def _render_factors(factors, rng, m, e, light, res):
+    pal, bgn, drw, deg = factors
     b = _background(bgn, rng, res)
     a, f, shadow = _drawing(drw, rng, m, e, light, res)
     return _degrade(deg, rng, _palette(pal, rng, b, a, f, shadow, res), res)
@@ -359,8 +380,48 @@ def render_sample(style: str, cls: str, index: int, seed: int = 0, resolution: i
     key = [seed, STYLES.index(style), CLASSES.index(cls), index]
     rng = np.random.default_rng(key)
     m, e, light = _render_mask(cls, resolution, rng)
-    img = _render_style(style, rng, m, e, light, resolution)
+    img = _render_factors(STYLE_FACTORS[style], rng, m, e, light, resolution)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _combo_code(factors: Sequence[str]) -> int:
+    code = 0
+    for vals, v in zip(FACTORS.values(), factors, strict=True):
+        if v not in vals:
+            raise ValueError(f"unknown factor value {v!r}; known: {', '.join(vals)}")
+        code = code * len(vals) + vals.index(v)
+    return code
+
+
+def render_combo(factors: Sequence[str], cls: str, index: int, seed: int = 0, resolution: int = 32):
+    """Render one sample of an unnamed factor combination ``(palette, background, drawing,
+    degradation)``; a pure function of its arguments (and distinct from any named style's)."""
+    if len(factors) != len(FACTORS):
+        raise ValueError(f"a combination has {len(FACTORS)} factor values ({', '.join(FACTORS)}), got {factors!r}")
+    if cls not in CLASSES:
+        raise ValueError(f"unknown class {cls!r}; known: {', '.join(CLASSES)}")
+    if resolution not in SUPPORTED_RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {SUPPORTED_RESOLUTIONS}, got {resolution}")
+    rng = np.random.default_rng([seed, 1000 + _combo_code(factors), CLASSES.index(cls), index])
+    m, e, light = _render_mask(cls, resolution, rng)
+    img = _render_factors(tuple(factors), rng, m, e, light, resolution)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def render_combos(
+    combos: Sequence[Sequence[str]], per_class: int, seed: int = 0, resolution: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render ``per_class`` samples of every class in each unnamed combination.
+
+    Returns uint8 images (N, H, W, 3), int64 labels (N,) and int64 indices into ``combos``."""
+    imgs, labels, idx = [], [], []
+    for k, combo in enumerate(combos):
+        for c, cls in enumerate(CLASSES):
+            for i in range(per_class):
+                imgs.append(render_combo(combo, cls, i, seed, resolution))
+                labels.append(c)
+                idx.append(k)
+    return np.stack(imgs), np.array(labels, np.int64), np.array(idx, np.int64)
 
 
 def render_array(

@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -62,8 +63,29 @@ def _sample(comps, styles, per_pair, cfg, seed, words: bool = False):
     return x, cls, sty
 
 
-def _code_images(styles, per_class, seed):
+OTHER = "unnamed combination"
+
+
+def _judge_combos(seed: int, n_random: int = 50) -> list[tuple[str, ...]]:
+    """Unnamed factor combinations the style judge must tell apart from the named styles: every
+    near miss of a client or control style (three of its four values) and ``n_random`` others."""
+    named = set(shapes.STYLE_FACTORS.values())
+    targets = [shapes.STYLE_FACTORS[s] for s in shapes.HELDOUT_STYLES + shapes.CONTROL_STYLES]
+    every = [c for c in itertools.product(*shapes.FACTORS.values()) if c not in named]
+    near = [c for c in every if any(sum(a == b for a, b in zip(c, t, strict=True)) == 3 for t in targets)]
+    rest = [c for c in every if c not in set(near)]
+    pick = np.random.default_rng([seed, 11]).choice(len(rest), size=min(n_random, len(rest)), replace=False)
+    return near + [rest[i] for i in sorted(pick)]
+
+
+def _code_images(styles, per_class, seed, combos=()):
+    """Code-rendered images of named styles (style id = index in ``shapes.STYLES``) and of
+    unnamed ``combos`` (style id = ``len(shapes.STYLES)``: the judge's extra class)."""
     imgs, labels, doms = shapes.render_array(styles, per_class, seed=seed)
+    if combos:
+        ci, cl, _ = shapes.render_combos(combos, max(1, per_class // 24), seed=seed)
+        imgs, labels = np.concatenate([imgs, ci]), np.concatenate([labels, cl])
+        doms = np.concatenate([doms, np.full(len(cl), len(shapes.STYLES), np.int64)])
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), torch.from_numpy(doms)
 
 
@@ -95,23 +117,26 @@ class Judges:
     def verdict(self, x: torch.Tensor, cls: torch.Tensor, style: str) -> dict:
         """Share of samples recognised as ``style``, class accuracy, most common verdict."""
         pred = self.styles_of(x)
-        counts = np.bincount(pred.numpy(), minlength=len(shapes.STYLES))
+        counts = np.bincount(pred.numpy(), minlength=len(shapes.STYLES) + 1)
         return {
             "recognised_as_target_style": float((pred == shapes.STYLES.index(style)).float().mean()),
             "class_accuracy": evaluate(self.cls, x, cls, self.device),
-            "most_common_verdict": shapes.STYLES[int(counts.argmax())],
+            "most_common_verdict": (*shapes.STYLES, OTHER)[int(counts.argmax())],
             "share_judged_pretraining_style": float(counts[: len(shapes.PRETRAIN_STYLES)].sum() / len(x)),
         }
 
 
 def train_judges(seed: int, device, per_class: int = 24, epochs: int = 10) -> Judges:
-    """Judges of class and style over all styles (pretraining, client and control)."""
+    """Judges of class and of style over every named style (pretraining, client, control) plus
+    one class for unnamed combinations, near misses of the client styles included, so a
+    sample is recognised as a client style only if all four of its factors match."""
     ccfg = ClassifierConfig(epochs=epochs, batch_size=64, lr=0.05)
-    x, y, d = _code_images(list(shapes.STYLES), per_class, seed + 100)
-    n_cls, n_sty = len(shapes.CLASSES), len(shapes.STYLES)
+    combos = _judge_combos(seed)
+    x, y, d = _code_images(list(shapes.STYLES), per_class, seed + 100, combos)
+    n_cls, n_sty = len(shapes.CLASSES), len(shapes.STYLES) + 1
     cls_model, _ = train_classifier(x, y, n_cls, ccfg, seed, device, progress=False, model=judge_net(n_cls))
     sty_model, _ = train_classifier(x, d, n_sty, ccfg, seed, device, progress=False, model=judge_net(n_sty))
-    xt, yt, dt = _code_images(list(shapes.STYLES), 4, seed + 200)
+    xt, yt, dt = _code_images(list(shapes.STYLES), 8, seed + 200, combos)
     return Judges(
         cls_model, sty_model, evaluate(cls_model, xt, yt, device), evaluate(sty_model, xt, dt, device), device
     )

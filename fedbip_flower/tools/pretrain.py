@@ -4,12 +4,14 @@ The result is a standard ``StableDiffusionPipeline`` folder (CLIPTokenizer with 
 v1 BPE vocabulary, CLIPTextModel, AutoencoderKL, UNet2DConditionModel, DDIM scheduler,
 safetensors), loadable offline with ``StableDiffusionPipeline.from_pretrained(folder)``.
 
-Only the pretraining styles are seen (``shapes.PRETRAIN_STYLES``); the client styles
-(medical, satellite, thermal, chalkboard) are combinations of their factor values that never
-occur together, under names no caption uses, and the control style has a palette no
-pretraining image has. Captions follow FedBiP's template ``"a {style} style of a {class}"``
-where {style} is the style's name or (``--describe``, half of the captions) its factor words,
-e.g. "a grayscale patchwork glowing pixelated style of a star"; they are dropped (empty
+Only pretraining images are seen: the 36 named styles (``shapes.PRETRAIN_STYLES``) and the
+788 unnamed combinations (``shapes.PRETRAIN_COMBOS``, ``--combo-per-class`` images per class
+each). The client styles (medical, satellite, thermal, chalkboard) are combinations of factor
+values that never occur three together, under names no caption uses, and the control style
+has a palette no pretraining image has. Captions follow FedBiP's template
+``"a {style} style of a {class}"`` where {style} is a named style's name or (``--describe``,
+half of its captions) its factor words, e.g. "a grayscale patchwork glowing pixelated style of
+a star"; an unnamed combination always gets its factor words. Captions are dropped (empty
 prompt) with probability ``--caption-dropout`` for classifier-free guidance.
 
 The learning rate is constant after warm-up, so the checkpoint written after step k is the
@@ -26,8 +28,8 @@ gives the same weights as an uninterrupted run.
 Usage (the shipped weights; see the model card for the exact command and its duration)::
 
     python -m fedbip_flower.tools.pretrain --output fedbip_flower/assets/fedbip-ldm-shapes \
-        --seed 0 --per-class 70 --vae-steps 600 --unet-steps 5500 \
-        --tokenizer fedbip_flower/assets/fedbip-ldm-shapes
+        --seed 0 --per-class 70 --combo-per-class 3 --vae-steps 600 --unet-steps 8000 \
+        --threads 2 --tokenizer fedbip_flower/assets/fedbip-ldm-shapes
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -219,16 +222,31 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def captions(labels: np.ndarray, styles: np.ndarray, seed: int = 0, describe: float = 0.5) -> list[str]:
-    """One caption per image: ``"a {style} style of a {class}"`` where {style} is the style's
-    name or, with probability ``describe``, its factor words (``shapes.describe``), so the
-    model learns both what the names mean and how the factors compose."""
+def captions(labels: np.ndarray, names: Sequence[str | None], words: Sequence[str], seed: int = 0, describe: float = 0.5) -> list[str]:
+    """One caption per image: ``"a {style} style of a {class}"``. For a named style, {style}
+    is its name or, with probability ``describe``, its factor words (``shapes.describe``), so
+    the model learns both what the names mean and how the factors compose; an unnamed
+    combination (``names[i]`` is None) always gets its factor words."""
     rng = np.random.default_rng([seed, 7])
     use_words = rng.random(len(labels)) < describe
     return [
-        PROMPT.format(style=shapes.describe(shapes.STYLES[s]) if w else shapes.STYLES[s], cls=shapes.CLASSES[c])
-        for c, s, w in zip(labels, styles, use_words, strict=True)
+        PROMPT.format(style=w if (n is None or u) else n, cls=shapes.CLASSES[c])
+        for c, n, w, u in zip(labels, names, words, use_words, strict=True)
     ]
+
+
+def pretraining_set(per_class: int, combo_per_class: int, seed: int, resolution: int):
+    """Images (uint8 NHWC), labels, and per image the style name (None for an unnamed
+    combination) and factor words: the named pretraining styles, then the unnamed ones."""
+    imgs, labels, styles = shapes.render_array(shapes.PRETRAIN_STYLES, per_class, seed=seed, resolution=resolution)
+    names: list[str | None] = [shapes.STYLES[s] for s in styles]
+    words = [shapes.describe(n) for n in names]
+    if combo_per_class:
+        ci, cl, ck = shapes.render_combos(shapes.PRETRAIN_COMBOS, combo_per_class, seed=seed, resolution=resolution)
+        imgs, labels = np.concatenate([imgs, ci]), np.concatenate([labels, cl])
+        names += [None] * len(ck)
+        words += [" ".join(shapes.PRETRAIN_COMBOS[k]) for k in ck]
+    return imgs, labels, names, words
 
 
 def save_pipeline(out: Path, tokenizer, text_encoder, vae, unet, scheduler, meta: dict) -> None:
@@ -262,15 +280,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
     p.add_argument("--per-class", type=int, default=70, help="images per class and style")
     p.add_argument(
+        "--combo-per-class",
+        type=int,
+        default=3,
+        help="images per class of each unnamed combination (shapes.PRETRAIN_COMBOS; 0: named styles only)",
+    )
+    p.add_argument(
         "--describe",
         type=float,
         default=0.5,
-        help="share of captions naming the style by its factor words instead of its name",
+        help="share of a named style's captions using its factor words instead of its name",
     )
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae-batch", type=int, default=48)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--unet-steps", type=int, default=5500)
+    p.add_argument("--unet-steps", type=int, default=8000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -296,10 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(a.seed)
     t0 = time.time()
 
-    log.info("rendering %d pretraining images", a.per_class * len(shapes.CLASSES) * len(shapes.PRETRAIN_STYLES))
-    imgs, labels, styles = shapes.render_array(
-        shapes.PRETRAIN_STYLES, a.per_class, seed=a.seed + 1000, resolution=a.resolution
-    )
+    n_img = len(shapes.CLASSES) * (a.per_class * len(shapes.PRETRAIN_STYLES) + a.combo_per_class * len(shapes.PRETRAIN_COMBOS))
+    log.info("rendering %d pretraining images", n_img)
+    imgs, labels, names, words = pretraining_set(a.per_class, a.combo_per_class, a.seed + 1000, a.resolution)
     x = _to_tensor(imgs)
     tokenizer = load_tokenizer(a.tokenizer)
     text_encoder, vae, unet = build_models(a.hidden, a.resolution)
@@ -315,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     vae.register_to_config(scaling_factor=scale)
     log.info("VAE done in %.0f s; latent scaling factor %.4f", time.time() - t0, scale)
 
-    caps = captions(labels, styles, a.seed, a.describe)
+    caps = captions(labels, names, words, a.seed, a.describe)
     ids_all = tokenizer(caps, padding="max_length", truncation=True, return_tensors="pt")
     ids_all = ids_all.input_ids
     empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
@@ -339,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m fedbip_flower.tools.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: str(v) for k, v in vars(a).items()},
         "pretraining_styles": list(shapes.PRETRAIN_STYLES),
+        "unnamed_pretraining_combinations": len(shapes.PRETRAIN_COMBOS) if a.combo_per_class else 0,
         "heldout_styles": list(shapes.HELDOUT_STYLES),
         "control_styles": list(shapes.CONTROL_STYLES),
         "style_factors": {k: list(v) for k, v in shapes.STYLE_FACTORS.items()},
