@@ -222,7 +222,9 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def captions(labels: np.ndarray, names: Sequence[str | None], words: Sequence[str], seed: int = 0, describe: float = 0.5) -> list[str]:
+def captions(
+    labels: np.ndarray, names: Sequence[str | None], words: Sequence[str], seed: int = 0, describe: float = 0.5
+) -> list[str]:
     """One caption per image: ``"a {style} style of a {class}"``. For a named style, {style}
     is its name or, with probability ``describe``, its factor words (``shapes.describe``), so
     the model learns both what the names mean and how the factors compose; an unnamed
@@ -320,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(a.seed)
     t0 = time.time()
 
-    n_img = len(shapes.CLASSES) * (a.per_class * len(shapes.PRETRAIN_STYLES) + a.combo_per_class * len(shapes.PRETRAIN_COMBOS))
+    n_img = len(shapes.CLASSES) * (
+        a.per_class * len(shapes.PRETRAIN_STYLES) + a.combo_per_class * len(shapes.PRETRAIN_COMBOS)
+    )
     log.info("rendering %d pretraining images", n_img)
     imgs, labels, names, words = pretraining_set(a.per_class, a.combo_per_class, a.seed + 1000, a.resolution)
     x = _to_tensor(imgs)
