@@ -13,6 +13,7 @@ from fedbip_flower.tools.ldm_report import OTHER, _judge_combos, concept_recover
 def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_components, tmp_path):
     judges = train_judges(0, torch.device("cpu"), per_class=1, epochs=1)
     assert 0.0 <= judges.class_ceiling <= 1.0 and 0.0 <= judges.style_ceiling <= 1.0
+    assert set(judges.factors) == set(judges.factor_ceilings) == set(shapes.FACTORS)
     client = ClientConfig(steps=2, batch_size=8)
     sample_cfg = ServerConfig(inference_steps=2, batch_size=32)
     grid = tmp_path / "grid.png"
@@ -27,6 +28,8 @@ def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_componen
             v = res[style][kind]
             assert 0.0 <= v["recognised_as_target_style"] <= 1.0 and 0.0 <= v["class_accuracy"] <= 1.0
             assert v["most_common_verdict"] in (*shapes.STYLES, OTHER)
+            assert set(v["factor_matches"]) == set(shapes.FACTORS)
+            assert all(0.0 <= m <= 1.0 for m in v["factor_matches"].values())
     # the mean covers the reachable client styles only
     mean = res["mean_over_client_styles"]["learned_concepts"]
     assert np.isclose(mean["class_accuracy"], res["medical"]["learned_concepts"]["class_accuracy"])

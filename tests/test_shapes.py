@@ -106,6 +106,21 @@ def test_client_style_names_never_occur_in_pretraining_captions():
     assert not any(v in vocab for v in shapes.UNSEEN_VALUES)
 
 
+@pytest.mark.parametrize("res", [32, 64])
+def test_noise_textures_live_on_latent_cells(res):
+    # speckle and grain multiply a crisp image by one value per k x k cell (k = res // 16, at
+    # least 2: one latent cell of the bundled VAE), so an autoencoder can carry them
+    k = max(2, res // 16)
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0.2, 0.8, (res, res, 3)).astype(np.float32)
+    for name in ("speckled", "grainy"):
+        out = shapes._degrade(name, np.random.default_rng(1), img, res)
+        effect = out / img if name == "speckled" else (out != img).astype(float)
+        cells = effect[..., 0].reshape(res // k, k, res // k, k).transpose(0, 2, 1, 3).reshape(res // k, res // k, -1)
+        assert np.allclose(cells, cells[..., :1], atol=1e-5), name  # constant within a cell
+        assert cells[..., 0].std() > 0.05, name  # and varying between cells
+
+
 def test_styles_differ_from_each_other():
     # mean colour and pixel statistics separate every pair of styles
     def stats(s):

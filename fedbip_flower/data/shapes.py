@@ -263,20 +263,26 @@ def _palette(name, rng, b, a, f, shadow, res):
     return _mix(bg, fg, a)
 
 
+def _cells(a: np.ndarray, k: int) -> np.ndarray:
+    """Repeat every value of ``a`` over a k x k pixel cell."""
+    return np.repeat(np.repeat(a, k, 0), k, 1)
+
+
 def _degrade(name: str, rng: np.random.Generator, img: np.ndarray, res: int) -> np.ndarray:
     if name == "crisp":
         return img
+    # Noise textures live on k x k pixel cells, the scale of one latent cell of the bundled VAE
+    # (it halves the resolution): per-pixel noise cannot pass a latent, so no LDM could draw it.
+    k = max(2, res // 16)
     if name == "speckled":
-        n = rng.standard_normal((res, res, 1)).astype(np.float32)
-        return img * (1 + 0.16 * n) + 0.02 * rng.standard_normal((res, res, 1))
+        n = _cells(rng.standard_normal((res // k, res // k, 1)).astype(np.float32), k)
+        return img * (1 + 0.2 * n)
     if name == "blurry":
         return _blur(img, res / 32)
     if name == "pixelated":
-        k = max(2, res // 16)
-        small = img.reshape(res // k, k, res // k, k, 3).mean((1, 3))
-        return np.repeat(np.repeat(small, k, 0), k, 1)
+        return _cells(img.reshape(res // k, k, res // k, k, 3).mean((1, 3)), k)
     if name == "grainy":
-        drop = rng.random((res, res, 1)) < 0.3
+        drop = _cells(rng.random((res // k, res // k, 1)) < 0.3, k)
         return np.where(drop, img * 0.55 + 0.1, img)
     raise ValueError(f"unknown degradation {name!r}")
 

@@ -24,7 +24,7 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,25 +104,37 @@ class Judges:
     class_ceiling: float
     style_ceiling: float
     device: torch.device
+    #: one judge per rendering factor (``shapes.FACTORS``), to say which factor a sample misses
+    factors: dict[str, torch.nn.Module] = field(default_factory=dict)
+    factor_ceilings: dict[str, float] = field(default_factory=dict)
 
     @torch.no_grad()
-    def styles_of(self, x: torch.Tensor) -> torch.Tensor:
-        self.style.to(self.device).eval()
+    def _predict(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        model.to(self.device).eval()
         out = [
-            self.style(x[i : i + 512].float().div(127.5).sub(1).to(self.device)).argmax(1).cpu()
+            model(x[i : i + 512].float().div(127.5).sub(1).to(self.device)).argmax(1).cpu()
             for i in range(0, len(x), 512)
         ]
         return torch.cat(out)
 
+    def styles_of(self, x: torch.Tensor) -> torch.Tensor:
+        return self._predict(self.style, x)
+
     def verdict(self, x: torch.Tensor, cls: torch.Tensor, style: str) -> dict:
-        """Share of samples recognised as ``style``, class accuracy, most common verdict."""
+        """Share of samples recognised as ``style``, class accuracy, most common verdict, and
+        per factor the share of samples whose factor value is the style's."""
         pred = self.styles_of(x)
         counts = np.bincount(pred.numpy(), minlength=len(shapes.STYLES) + 1)
+        target = dict(zip(shapes.FACTORS, shapes.STYLE_FACTORS[style], strict=True))
         return {
             "recognised_as_target_style": float((pred == shapes.STYLES.index(style)).float().mean()),
             "class_accuracy": evaluate(self.cls, x, cls, self.device),
             "most_common_verdict": (*shapes.STYLES, OTHER)[int(counts.argmax())],
             "share_judged_pretraining_style": float(counts[: len(shapes.PRETRAIN_STYLES)].sum() / len(x)),
+            "factor_matches": {
+                f: float((self._predict(m, x) == shapes.FACTORS[f].index(target[f])).float().mean())
+                for f, m in self.factors.items()
+            },
         }
 
 
@@ -137,9 +149,42 @@ def train_judges(seed: int, device, per_class: int = 24, epochs: int = 10) -> Ju
     cls_model, _ = train_classifier(x, y, n_cls, ccfg, seed, device, progress=False, model=judge_net(n_cls))
     sty_model, _ = train_classifier(x, d, n_sty, ccfg, seed, device, progress=False, model=judge_net(n_sty))
     xt, yt, dt = _code_images(list(shapes.STYLES), 8, seed + 200, combos)
+    factors, factor_ceilings = train_factor_judges(seed, device, max(10, per_class * 12), epochs)
     return Judges(
-        cls_model, sty_model, evaluate(cls_model, xt, yt, device), evaluate(sty_model, xt, dt, device), device
+        cls_model,
+        sty_model,
+        evaluate(cls_model, xt, yt, device),
+        evaluate(sty_model, xt, dt, device),
+        device,
+        factors,
+        factor_ceilings,
     )
+
+
+def train_factor_judges(seed: int, device, n_combos: int = 300, epochs: int = 10):
+    """One judge per rendering factor, trained on ``n_combos`` random factor combinations (one
+    image per class each; unseen values included); returns the judges and their accuracy on
+    fresh combinations."""
+    every = list(itertools.product(*shapes.FACTORS.values()))
+
+    def data(offset: int, n: int):
+        rng = np.random.default_rng([seed, offset])
+        combos = [every[i] for i in rng.choice(len(every), size=min(n, len(every)), replace=False)]
+        imgs, _, idx = shapes.render_combos(combos, 1, seed=seed + offset)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+        return x, [[combos[i][k] for i in idx] for k in range(len(shapes.FACTORS))]
+
+    x, vals = data(300, n_combos)
+    xt, vals_t = data(400, max(10, n_combos // 4))
+    ccfg = ClassifierConfig(epochs=epochs, batch_size=64, lr=0.05)
+    judges, ceilings = {}, {}
+    for k, (f, values) in enumerate(shapes.FACTORS.items()):
+        y = torch.tensor([values.index(v) for v in vals[k]])
+        judges[f], _ = train_classifier(
+            x, y, len(values), ccfg, seed, device, progress=False, model=judge_net(len(values))
+        )
+        ceilings[f] = evaluate(judges[f], xt, torch.tensor([values.index(v) for v in vals_t[k]]), device)
+    return judges, ceilings
 
 
 def concept_recovery(
@@ -256,6 +301,7 @@ def report(
         "generation_accuracy_per_style": per_style,
         "class_judge_accuracy_on_code_images": judges.class_ceiling,
         "style_judge_accuracy_on_code_images": judges.style_ceiling,
+        "factor_judge_accuracy_on_code_images": judges.factor_ceilings,
         "pretraining_prompts_recognised_as_prompted_style": float((pred_pre == sty_pre).float().mean()),
         "concept_recovery": recovery,
         "seconds": round(time.time() - t0, 1),
@@ -301,6 +347,19 @@ def main(argv: list[str] | None = None) -> None:
             for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")
         ]
         print(f"  {'mean':<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}  (client styles)")
+    print(
+        "factor judges on code-rendered test images: "
+        + ", ".join(f"{f} {v:.3f}" for f, v in r["factor_judge_accuracy_on_code_images"].items())
+    )
+    print(f"share of samples with each factor of the target style ({' / '.join(shapes.FACTORS)}):")
+    print(f"  {'style':<12} {'learned S, V':>24} {'factor words':>24}")
+    for s, v in r["concept_recovery"].items():
+        if s != "mean_over_client_styles":
+            cells = [
+                " / ".join(f"{x:.2f}" for x in v[k]["factor_matches"].values())
+                for k in ("learned_concepts", "factor_words_prompt")
+            ]
+            print(f"  {s:<12} {cells[0]:>24} {cells[1]:>24}")
     print(f"written to {a.output}/ldm_report.json ({r['seconds']} s)")
 
 
