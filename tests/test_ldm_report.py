@@ -24,7 +24,7 @@ def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_componen
     assert res["medical"]["out_of_reach"] is False and res["ultraviolet"]["out_of_reach"] is True
     assert res["medical"]["factors"]["palette"] == "grayscale"
     for style in ("medical", "ultraviolet"):
-        for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt"):
+        for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt", "vae_round_trip"):
             v = res[style][kind]
             assert 0.0 <= v["recognised_as_target_style"] <= 1.0 and 0.0 <= v["class_accuracy"] <= 1.0
             assert v["most_common_verdict"] in (*shapes.STYLES, OTHER)

@@ -10,7 +10,9 @@
    shots per class learn S and V with the default client settings; their concept-only
    samples (fresh noise, no uploaded latents) are judged by a style judge over all styles and
    by the class judge, beside samples prompted with the style's plain name (which the LDM
-   never saw) and with its true factor words (the oracle a site cannot write down).
+   never saw) and with its true factor words (the oracle a site cannot write down), and the
+   client's own images after a round trip through the VAE (what any sample can keep). Four
+   factor judges say which factor (palette, background, drawing, degradation) samples miss.
 
 Usage::
 
@@ -32,6 +34,7 @@ import torch
 
 from fedbip_flower.config import ClassifierConfig, ClientConfig, ServerConfig
 from fedbip_flower.data import shapes
+from fedbip_flower.method.personalize import encode_images
 from fedbip_flower.method.synthesize import synthesize_from_prompts
 from fedbip_flower.models.classifier import evaluate, train_classifier
 from fedbip_flower.models.ldm import load_components
@@ -187,6 +190,17 @@ def train_factor_judges(seed: int, device, n_combos: int = 300, epochs: int = 10
     return judges, ceilings
 
 
+@torch.no_grad()
+def _vae_round_trip(comps, images: torch.Tensor) -> torch.Tensor:
+    """The client's own images encoded and decoded by the LDM's VAE: what any sample drawn
+    through this autoencoder can keep of the style (the ceiling of every column)."""
+    z = encode_images(comps, images) / comps.latent_scale
+    out = [
+        comps.vae.decode(z[i : i + 64].to(comps.device, comps.dtype)).sample.float().cpu() for i in range(0, len(z), 64)
+    ]
+    return ((torch.cat(out).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def concept_recovery(
     comps,
     styles,
@@ -221,6 +235,7 @@ def concept_recovery(
         )
         payload = personalize(comps, data, client, DEFAULT_TEMPLATE, 0, seed + k, progress=False)
         x, y = synthesize_client(comps, payload, sample_cfg, seed + k, progress=False)
+        xv = _vae_round_trip(comps, data.train_images)
         xn, yn, _ = _sample(comps, [style], shots, sample_cfg, seed + k)
         xo, yo, _ = _sample(comps, [style], shots, sample_cfg, seed + k, words=True)
         res[style] = {
@@ -229,6 +244,7 @@ def concept_recovery(
             "learned_concepts": judges.verdict(x, y, style),
             "plain_name_prompt": judges.verdict(xn, yn, style),
             "factor_words_prompt": judges.verdict(xo, yo, style),
+            "vae_round_trip": judges.verdict(xv, data.train_labels, style),
             "seconds": round(time.time() - t0, 1),
         }
         log.info("recovery %s: %s (%.0f s)", style, res[style]["learned_concepts"], time.time() - t0)
@@ -243,7 +259,7 @@ def concept_recovery(
             kind: {
                 m: float(np.mean([v[kind][m] for v in reach])) for m in ("recognised_as_target_style", "class_accuracy")
             }
-            for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")
+            for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt", "vae_round_trip")
         }
     return res
 
@@ -330,36 +346,36 @@ def main(argv: list[str] | None = None) -> None:
         f"recognised as their style: {r['pretraining_prompts_recognised_as_prompted_style']:.3f}"
     )
     print("concept recovery (share recognised as the target style / class accuracy):")
-    print(f"  {'style':<12} {'learned S, V':>14} {'plain name':>14} {'factor words':>14}")
+    print(f"  {'style':<12} {'learned S, V':>14} {'plain name':>14} {'factor words':>14} {'VAE round trip':>14}")
     for s, v in r["concept_recovery"].items():
         if s == "mean_over_client_styles":
             continue
         cells = [
             f"{v[k]['recognised_as_target_style']:.2f} / {v[k]['class_accuracy']:.2f}"
-            for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")
+            for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt", "vae_round_trip")
         ]
         tag = " (out of reach)" if v["out_of_reach"] else ""
-        print(f"  {s:<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}{tag}")
+        print(f"  {s:<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} {cells[3]:>14}{tag}")
     m = r["concept_recovery"].get("mean_over_client_styles")
     if m:
         cells = [
             f"{m[k]['recognised_as_target_style']:.2f} / {m[k]['class_accuracy']:.2f}"
-            for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt")
+            for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt", "vae_round_trip")
         ]
-        print(f"  {'mean':<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}  (client styles)")
+        print(f"  {'mean':<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} {cells[3]:>14}  (client styles)")
     print(
         "factor judges on code-rendered test images: "
         + ", ".join(f"{f} {v:.3f}" for f, v in r["factor_judge_accuracy_on_code_images"].items())
     )
     print(f"share of samples with each factor of the target style ({' / '.join(shapes.FACTORS)}):")
-    print(f"  {'style':<12} {'learned S, V':>24} {'factor words':>24}")
+    print(f"  {'style':<12} {'learned S, V':>24} {'factor words':>24} {'VAE round trip':>24}")
     for s, v in r["concept_recovery"].items():
         if s != "mean_over_client_styles":
             cells = [
                 " / ".join(f"{x:.2f}" for x in v[k]["factor_matches"].values())
-                for k in ("learned_concepts", "factor_words_prompt")
+                for k in ("learned_concepts", "factor_words_prompt", "vae_round_trip")
             ]
-            print(f"  {s:<12} {cells[0]:>24} {cells[1]:>24}")
+            print(f"  {s:<12} {cells[0]:>24} {cells[1]:>24} {cells[2]:>24}")
     print(f"written to {a.output}/ldm_report.json ({r['seconds']} s)")
 
 
