@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fedbip_flower.config import ClientConfig, ServerConfig
@@ -45,3 +46,19 @@ def test_style_judge_knows_near_misses_of_the_client_styles():
         # every way of getting exactly one factor wrong that is not itself a named style
         n_named = sum(sum(a == b for a, b in zip(c, target, strict=True)) == 3 for c in named)
         assert len(near) == sum(len(v) - 1 for v in shapes.FACTORS.values()) - n_named, s
+
+
+def test_report_client_settings_take_client_keys_only():
+    from fedbip_flower.config import ConfigError
+    from fedbip_flower.tools.ldm_report import client_config
+
+    assert client_config("") == ClientConfig()
+    cfg = client_config("client.n-s=4 client.lr=0.05")
+    assert cfg.n_s == 4 and cfg.lr == 0.05 and cfg.steps == ClientConfig().steps
+    for bad, msg in (
+        ("server.multiplier=3", "client.. keys only"),
+        ("client.n-ss=4", "client.n-ss"),
+        ("client.n-s=99", "n-s"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            client_config(bad)

@@ -326,6 +326,21 @@ def report(
     return res
 
 
+def client_config(run_config: str) -> ClientConfig:
+    """The client settings of concept recovery: the app's defaults with ``client.*`` overrides in
+    ``flwr run --run-config`` syntax (e.g. ``"client.n-s=4 client.lr=0.05"``); other keys are
+    refused, as are unknown or out-of-range ones (the app's own validation)."""
+    from flwr.common.config import parse_config_args
+
+    from fedbip_flower.config import ConfigError, FedBiPConfig
+
+    overrides = dict(parse_config_args([run_config])) if run_config else {}
+    other = sorted(k for k in overrides if not k.startswith("client."))
+    if other:
+        raise ConfigError(f"--run-config takes client.* keys only, not {', '.join(other)}")
+    return FedBiPConfig.from_run_config(overrides).client
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bundled")
@@ -334,9 +349,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-prompt", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument(
+        "--run-config", default="", help='client settings of concept recovery, e.g. "client.n-s=4 client.lr=0.05"'
+    )
     a = p.parse_args(argv)
+    client = client_config(a.run_config)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    r = report(a.model, a.output, a.seed, a.samples_per_prompt, a.steps, a.guidance)
+    r = report(a.model, a.output, a.seed, a.samples_per_prompt, a.steps, a.guidance, client)
     print(f"generation accuracy (class-prompted samples, pretraining styles): {r['generation_accuracy']:.3f}")
     for s, v in r["generation_accuracy_per_style"].items():
         print(f"  {s:<12} {v:.3f}")
