@@ -31,9 +31,45 @@ def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_componen
             assert v["most_common_verdict"] in (*shapes.STYLES, OTHER)
             assert set(v["factor_matches"]) == set(shapes.FACTORS)
             assert all(0.0 <= m <= 1.0 for m in v["factor_matches"].values())
+        assert set(res[style]["bi_level"]) == {"concepts_only", "latents_only", "both"}
+        for v in res[style]["bi_level"].values():
+            assert 0.0 <= v["recognised_as_target_style"] <= 1.0 and 0.0 <= v["class_accuracy"] <= 1.0
     # the mean covers the reachable client styles only
     mean = res["mean_over_client_styles"]["learned_concepts"]
     assert np.isclose(mean["class_accuracy"], res["medical"]["learned_concepts"]["class_accuracy"])
+    both = res["mean_over_client_styles"]["bi_level"]["both"]
+    assert np.isclose(both["class_accuracy"], res["medical"]["bi_level"]["both"]["class_accuracy"])
+
+
+def test_bi_level_columns_differ_in_what_they_start_from(tiny_components, monkeypatch):
+    """concepts_only starts from fresh noise with the learned S and V, latents_only from the
+    uploaded z(T) with the natural-word S and V, both from z(T) with the learned ones."""
+    from fedbip_flower.method import synthesize
+
+    seen = []
+    real = synthesize.synthesize_client
+
+    def spy(comps, payload, cfg, seed, **kw):
+        seen.append((cfg.inference_steps, len(payload.latents), payload.s.clone(), payload.latents.clone()))
+        return real(comps, payload, cfg, seed, **kw)
+
+    monkeypatch.setattr(synthesize, "synthesize_client", spy)
+    judges = train_judges(0, torch.device("cpu"), per_class=1, epochs=1)
+    concept_recovery(
+        tiny_components,
+        ["medical"],
+        judges,
+        ClientConfig(steps=3, batch_size=8, lr=0.5),
+        ServerConfig(inference_steps=2, batch_size=32),
+        seed=0,
+        shots=2,
+        app_cfg=ServerConfig(inference_steps=3, batch_size=32),
+    )
+    learned, conc, lat, both = seen  # recovery column, then the three bi-level columns
+    assert learned[0] == 2 and conc[0] == lat[0] == both[0] == 3
+    assert conc[1] == 0 and lat[1] == both[1] == 20
+    assert torch.equal(conc[2], both[2]) and not torch.equal(lat[2], both[2])
+    assert torch.equal(lat[3], both[3])
 
 
 def test_style_judge_knows_near_misses_of_the_client_styles():

@@ -13,6 +13,9 @@
    never saw) and with its true factor words (the oracle a site cannot write down), and the
    client's own images after a round trip through the VAE (what any sample can keep). Four
    factor judges say which factor (palette, background, drawing, degradation) samples miss.
+4. What each level brings: the same client's samples drawn as the app draws them, from the
+   learned concepts alone (fresh noise), from its uploaded z(T) alone (natural-word
+   concepts), and from both (FedBiP), judged the same way.
 
 Usage::
 
@@ -41,6 +44,9 @@ from fedbip_flower.models.ldm import load_components
 from fedbip_flower.tools.pretrain import PROMPT
 
 log = logging.getLogger(__name__)
+
+
+BI_LEVEL = ("concepts_only", "latents_only", "both")
 
 
 def judge_net(num_classes: int, width: int = 16) -> torch.nn.Module:
@@ -210,17 +216,26 @@ def concept_recovery(
     seed: int = 0,
     shots: int = 16,
     grid: Path | None = None,
+    app_cfg: ServerConfig | None = None,
 ) -> dict:
     """How far learned concepts reach: one client per style with ``shots`` images per class
-    learns S and V (``client`` settings, concept level only), and its concept-only samples are
-    judged beside plain-name prompts and the oracle prompt of the style's true factor words."""
+    learns S and V (``client`` settings), and its concept-only samples are judged beside
+    plain-name prompts and the oracle prompt of the style's true factor words.
+
+    ``bi_level`` judges what each level brings to the samples the server trains on, drawn as
+    the app draws them (``app_cfg``, default: the app's synthesis settings): the learned
+    concepts from fresh noise (concept level only), the client's uploaded z(T) with the
+    natural-word concepts S and V start from (instance level only), and both (FedBiP).
+    The same z(T) and seeds serve both columns that use them."""
     from fedbip_flower.data.loading import ClientData
     from fedbip_flower.method.embeddings import DEFAULT_TEMPLATE
-    from fedbip_flower.method.personalize import personalize
+    from fedbip_flower.method.personalize import first_inference_timestep, personalize
     from fedbip_flower.method.synthesize import synthesize_client
 
     res, tiles = {}, []
-    client = replace(client, upload_latents=False)
+    app_cfg = app_cfg or ServerConfig()
+    client = replace(client, upload_latents=True)
+    t_app = client.timestep or first_inference_timestep(comps.scheduler, app_cfg.inference_steps)
     for k, style in enumerate(styles):
         t0 = time.time()
         imgs, labels, _ = shapes.render_array([style], shots, seed=seed + 500)
@@ -233,8 +248,19 @@ def concept_recovery(
             list(shapes.CLASSES),
             style,
         )
-        payload = personalize(comps, data, client, DEFAULT_TEMPLATE, 0, seed + k, progress=False)
-        x, y = synthesize_client(comps, payload, sample_cfg, seed + k, progress=False)
+        # the latents' noise is drawn after the concepts are learned: same S and V as without them
+        payload = personalize(comps, data, client, DEFAULT_TEMPLATE, t_app, seed + k, progress=False)
+        concepts_only = replace(payload, latents=payload.latents[:0])
+        x, y = synthesize_client(comps, concepts_only, sample_cfg, seed + k, progress=False)
+        words = personalize(comps, data, replace(client, steps=0), DEFAULT_TEMPLATE, t_app, seed + k, progress=False)
+        bi_level = {}
+        for kind, p in (
+            ("concepts_only", concepts_only),
+            ("latents_only", replace(payload, s=words.s, v=words.v)),
+            ("both", payload),
+        ):
+            xb, yb = synthesize_client(comps, p, app_cfg, seed + k, progress=False)
+            bi_level[kind] = judges.verdict(xb, yb, style)
         xv = _vae_round_trip(comps, data.train_images)
         xn, yn, _ = _sample(comps, [style], shots, sample_cfg, seed + k)
         xo, yo, _ = _sample(comps, [style], shots, sample_cfg, seed + k, words=True)
@@ -245,6 +271,7 @@ def concept_recovery(
             "plain_name_prompt": judges.verdict(xn, yn, style),
             "factor_words_prompt": judges.verdict(xo, yo, style),
             "vae_round_trip": judges.verdict(xv, data.train_labels, style),
+            "bi_level": bi_level,
             "seconds": round(time.time() - t0, 1),
         }
         log.info("recovery %s: %s (%.0f s)", style, res[style]["learned_concepts"], time.time() - t0)
@@ -260,6 +287,13 @@ def concept_recovery(
                 m: float(np.mean([v[kind][m] for v in reach])) for m in ("recognised_as_target_style", "class_accuracy")
             }
             for kind in ("learned_concepts", "plain_name_prompt", "factor_words_prompt", "vae_round_trip")
+        }
+        res["mean_over_client_styles"]["bi_level"] = {
+            kind: {
+                m: float(np.mean([v["bi_level"][kind][m] for v in reach]))
+                for m in ("recognised_as_target_style", "class_accuracy")
+            }
+            for kind in BI_LEVEL
         }
     return res
 
@@ -312,6 +346,7 @@ def report(
             "ddim_steps": steps,
             "guidance": guidance,
             "client": asdict(client or ClientConfig()),
+            "bi_level_synthesis": asdict(ServerConfig()),
         },
         "generation_accuracy": gen_acc,
         "generation_accuracy_per_style": per_style,
@@ -382,6 +417,17 @@ def main(argv: list[str] | None = None) -> None:
             for k in ("learned_concepts", "plain_name_prompt", "factor_words_prompt", "vae_round_trip")
         ]
         print(f"  {'mean':<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} {cells[3]:>14}  (client styles)")
+    print(
+        "what each level brings, samples drawn as the app draws them "
+        "(share recognised as the target style / class accuracy):"
+    )
+    print(f"  {'style':<12} {'concepts only':>14} {'latents only':>14} {'both (FedBiP)':>14}")
+    for s, v in r["concept_recovery"].items():
+        b = v["bi_level"]
+        cells = [f"{b[k]['recognised_as_target_style']:.2f} / {b[k]['class_accuracy']:.2f}" for k in BI_LEVEL]
+        name = "mean" if s == "mean_over_client_styles" else s
+        tag = " (out of reach)" if v.get("out_of_reach") else ""
+        print(f"  {name:<12} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}{tag}")
     print(
         "factor judges on code-rendered test images: "
         + ", ".join(f"{f} {v:.3f}" for f, v in r["factor_judge_accuracy_on_code_images"].items())
