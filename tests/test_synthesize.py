@@ -109,3 +109,40 @@ def test_classifier_step_budget_is_the_same_for_every_set_size():
         x, y, 3, ClassifierConfig(epochs=2, batch_size=8, augment=False), 0, torch.device("cpu"), progress=False
     )
     assert stats["sgd-steps"] == 2 * 13  # no budget: epochs x batches
+
+
+def test_centre_tap_convolutions_equal_the_full_resnet():
+    # The classifier's 3x3 convolutions read only their centre tap on a 1x1 map (a CPU speed-up):
+    # outputs and gradients must equal torchvision's plain ResNet-18 with the same weights.
+    import torchvision
+
+    from fedbip_flower.models.classifier import CentreTapConv2d
+
+    cfg = ClassifierConfig()
+    torch.manual_seed(0)
+    patched = build_classifier(cfg, 10)
+    plain = torchvision.models.resnet18(weights=None, num_classes=10)
+    plain.load_state_dict(patched.state_dict())  # the state dict is a plain ResNet-18's
+    n_centre = sum(type(m) is CentreTapConv2d for m in patched.modules())
+    assert (
+        n_centre
+        == sum(type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1) for m in plain.modules())
+        > 0
+    )
+    x = torch.randn(6, 3, 32, 32)  # layer4 works on 1x1 maps: the centre-tap path runs
+    y = torch.arange(6) % 10
+    grads = []
+    for model in (patched, plain):
+        model.train().zero_grad()
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        grads.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for k, g in grads[1][1].items():
+        assert torch.allclose(grads[0][1][k], g, atol=1e-5, rtol=1e-4), k
+    outer = grads[0][1]["layer4.1.conv2.weight"].clone()
+    outer[:, :, 1, 1] = 0
+    assert outer.abs().max() == 0 and grads[0][1]["layer4.1.conv2.weight"].abs().max() > 0
+    # On larger maps (64 px: layer4 at 2x2) the full convolution runs and still agrees.
+    x64 = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(patched.eval()(x64), plain.eval()(x64), atol=1e-5)

@@ -15,6 +15,39 @@ from fedbip_flower.config import ClassifierConfig
 log = logging.getLogger(__name__)
 
 
+class CentreTapConv2d(torch.nn.Conv2d):
+    """A 3x3, stride-1, padding-1 convolution that reads only its centre tap on a 1x1 map.
+
+    On a 1x1 feature map the eight outer taps of such a convolution multiply the zero
+    padding, so the output and every gradient (zero for the outer taps) equal those of
+    the full convolution. The reason is speed: ResNet-18's ImageNet stem takes a 32 px
+    image down to 1x1 in layer4, and oneDNN's CPU backward of a 512-channel 3x3
+    convolution on a 1x1 map took 81 ms against 8 ms for the centre tap alone (2-core
+    AVX2 CPU, batch 64): half of each classifier step. Parameters and state dict are a
+    plain ``Conv2d``'s, so saved classifiers load into torchvision's ResNet-18.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (1, 1):
+            return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias, 1, 0, 1, self.groups)
+        return super().forward(x)
+
+
+def use_centre_tap(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch every 3x3 / stride 1 / padding 1 zero-padded convolution to :class:`CentreTapConv2d`."""
+    for m in model.modules():
+        if (
+            type(m) is torch.nn.Conv2d
+            and m.kernel_size == (3, 3)
+            and m.stride == (1, 1)
+            and m.padding == (1, 1)
+            and m.dilation == (1, 1)
+            and m.padding_mode == "zeros"
+        ):
+            m.__class__ = CentreTapConv2d
+    return model
+
+
 def build_classifier(cfg: ClassifierConfig, num_classes: int) -> torch.nn.Module:
     """ResNet-18 with ``num_classes`` outputs; optional pretrained weights (head excluded)."""
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
@@ -35,7 +68,7 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int) -> torch.nn.Module
     if cfg.stem == "cifar":
         model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         model.maxpool = torch.nn.Identity()
-    return model
+    return use_centre_tap(model)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
