@@ -85,9 +85,7 @@ class ServerConfig:
     concept_noise: float = _f(
         0.1, "std of the per-image noise added to S, relative to the RMS of the uploaded S and V", lo=0.0
     )
-    multiplier: int = _f(
-        2, "synthetic images per uploaded latent (FedBiP-S/M/L = 1/5/10; the main job uses 2)", lo=1, hi=100
-    )
+    multiplier: int = _f(1, "synthetic images per uploaded latent (FedBiP-S/M/L = 1/5/10)", lo=1, hi=100)
     batch_size: int = _f(64, "images per synthesis batch", lo=1)
     round_timeout: float = _f(1800.0, "seconds to wait for the clients' replies", lo=1.0)
     wait_timeout: float = _f(300.0, "seconds to wait for min-clients nodes to connect", lo=0.0)
@@ -100,7 +98,7 @@ class ClassifierConfig:
     arch: str = _f("resnet18", "torchvision classifier", ("resnet18",))
     stem: str = _f("imagenet", "ResNet stem: ImageNet 7x7/2 + maxpool, or CIFAR 3x3/1", ("imagenet", "cifar"))
     pretrained: str = _f("", "path to ImageNet weights (.pth / .safetensors); empty = random init")
-    epochs: int = _f(30, "training epochs (used when steps = 0)", lo=1)
+    epochs: int = _f(40, "training epochs (used when steps = 0)", lo=1)
     steps: int = _f(
         0, "SGD steps whatever the set size (0 = epochs x batches); equal steps compare methods fairly", lo=0
     )
