@@ -112,3 +112,36 @@ def test_merge_ignores_the_epoch_count_under_a_step_budget(tmp_path):
     f2.write_text(json.dumps({"runs": [_run(0, ["y"], 0.4, config={**budget, "classifier.steps": 200})]}))
     with pytest.raises(ValueError, match="another configuration"):
         benchmark.merge_runs([f1, f2])
+
+
+def test_classifier_seeds_retrain_on_the_same_training_set(tiny_model, tmp_path, monkeypatch, caplog):
+    seeds = []
+    real = benchmark.train_classifier
+
+    def spy(x, y, num_classes, cfg, seed, *args, **kwargs):
+        seeds.append((float(x.double().sum()), seed))
+        return real(x, y, num_classes, cfg, seed, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "train_classifier", spy)
+    rc = f"model.id='{tiny_model}' data.domains='medical,satellite'"
+    args = ["accuracy", "--smoke", "--seeds", "1", "--no-audit", "--out", str(tmp_path), "--run-config", rc]
+    benchmark.main([*args, "--methods", "fedbip,centralized,ensemble", "--classifier-seeds", "3"])
+    run = json.loads((tmp_path / "benchmark.json").read_text())["runs"][0]["methods"]
+    for m in ("fedbip", "centralized"):
+        by_seed = run[m]["accuracy_by_classifier_seed"]
+        assert list(by_seed) == ["1", "1001", "1002"], m
+        assert by_seed["1"] == run[m]["accuracy"], m
+        assert all(set(a) == set(run[m]["accuracy"]) for a in by_seed.values()), m
+    # fedbip's repeats (its seed-1 classifier is the server pipeline's), then centralized's
+    # three, then the ensemble's local models (seed 1, no repeats): each on its own training set
+    (f1, s1), (f2, s2), (c1, s3), (c2, s4), (c3, s5) = seeds[:5]
+    assert [s1, s2, s3, s4, s5] == [1001, 1002, 1, 1001, 1002] and all(s == 1 for _, s in seeds[5:])
+    assert f1 == f2 != c1 == c2 == c3
+    assert "accuracy_by_classifier_seed" not in run["ensemble"]
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "Classifier seeds" in md and "| shapes-feature | 1 | fedbip | 1: " in md
+    caplog.set_level("INFO")
+    benchmark.main([*args, "--methods", "fedbip,centralized,ensemble", "--classifier-seeds", "3", "--resume"])
+    assert caplog.text.count("kept from the earlier run") == 3
+    with pytest.raises(ValueError, match=">= 1"):
+        benchmark.run_setting("shapes-feature", ["fedbip"], 0, {}, classifier_seeds=0)

@@ -56,11 +56,12 @@ FEDBIP_METHODS: dict[str, tuple[dict, dict, dict]] = {
     "feddeo-like": ({"client.upload-latents": False}, {}, {"domain_word": "image", "learn_domain": False}),
 }
 OTHER_METHODS = ("zero-shot", "fedavg-oneshot", "ensemble", "centralized")
+LOCAL_MODEL_METHODS = ("fedavg-oneshot", "ensemble")  # built from the sites' own classifiers
 ALL_METHODS = tuple(FEDBIP_METHODS) + OTHER_METHODS
 # Laid over every setting (experiments/benchmark.toml): every method's classifier gets the same
 # number of SGD steps whatever its training-set size, so FedBiP-M's 5x synthetic set does not
 # buy it more optimisation than FedBiP-S or the centralized oracle; methods synthesize 1x unless
-# they say otherwise (the main job's default is 2x). --smoke lays experiments/smoke.toml instead.
+# they say otherwise (as the main job does). --smoke lays experiments/smoke.toml instead.
 # Override with --run-config "classifier.steps=N".
 
 
@@ -179,6 +180,12 @@ def fedbip_server(
     return built, [int(r.array_records[UPLOAD].count_bytes()) for r in records]
 
 
+def repeat_seeds(seed: int, n: int) -> list[int]:
+    """The classifier seeds of a run of ``seed`` trained ``n`` times: ``seed`` first, then
+    ``seed * 1000 + j`` (never another run's seed for seeds below 1000)."""
+    return [seed] + [seed * 1000 + j for j in range(1, n)]
+
+
 def run_setting(
     setting: str,
     methods: list[str],
@@ -188,11 +195,18 @@ def run_setting(
     audit: bool = True,
     on_method=None,
     resume: dict | None = None,
+    classifier_seeds: int = 1,
 ) -> dict:
     """Run ``methods`` on one (setting, seed); ``on_method(partial_run)`` is called after each.
 
     ``resume``: an earlier (possibly partial) run of the same setting, seed and config; its
-    finished methods (and privacy audit) are kept, not run again."""
+    finished methods (and privacy audit) are kept, not run again. ``classifier_seeds`` > 1:
+    every classifier the benchmark trains (all methods but fedavg-oneshot and ensemble, whose
+    local models are their own) is trained again on the same training set with
+    ``repeat_seeds(seed, classifier_seeds)[1:]``; the accuracies go to
+    ``accuracy_by_classifier_seed`` ("accuracy" stays the one of ``seed``)."""
+    if classifier_seeds < 1:
+        raise ValueError(f"classifier_seeds must be >= 1, got {classifier_seeds}")
     cfg = FedBiPConfig.from_run_config({**load_experiment(setting), **extra, "seed": seed})
     if resume is not None and comparable(resume.get("config")) != comparable(cfg.to_run_config()):
         raise ValueError(f"cannot resume {setting} seed {seed}: the earlier run used another config")
@@ -208,27 +222,40 @@ def run_setting(
 
     names = [d.domain if len({dd.domain for dd in datas}) == n else f"{d.domain}#{k}" for k, d in enumerate(datas)]
 
-    def record(name, model, stats, num_train, bytes_, client_s, server_t0):
+    def scores(model) -> dict[str, float]:
+        return {
+            nm: evaluate(model, d.test_images, d.test_labels, comps.device) for nm, d in zip(names, datas, strict=False)
+        }
+
+    def record(name, model, stats, x, y, bytes_, client_s, server_t0):
         server_s = time.time() - server_t0
         results[name] = {
-            "accuracy": {
-                nm: evaluate(model, d.test_images, d.test_labels, comps.device)
-                for nm, d in zip(names, datas, strict=False)
-            },
+            "accuracy": scores(model),
             "upload_bytes": bytes_,
             "client_seconds": client_s,
             "server_seconds": server_s,
-            "num_train_images": num_train,
+            "num_train_images": len(y),
             "classifier_steps": int(stats["sgd-steps"]),
         }
+        if classifier_seeds > 1:
+            # The same training set, other classifier initialisations and batch orders: how much
+            # of a difference between methods the classifier's own randomness can explain.
+            runs = {str(seed): results[name]["accuracy"]}
+            for s in repeat_seeds(seed, classifier_seeds)[1:]:
+                log.info("[%s seed %d] %s: classifier seed %d", setting, seed, name, s)
+                again, _ = train_classifier(x, y, num_classes, cfg.classifier, s, comps.device, progress)
+                runs[str(s)] = scores(again)
+            results[name]["accuracy_by_classifier_seed"] = runs
 
     def finish(name, x, y, bytes_, client_s, server_t0):
         model, stats = train_classifier(x, y, num_classes, cfg.classifier, seed, comps.device, progress)
-        record(name, model, stats, len(x), bytes_, client_s, server_t0)
+        record(name, model, stats, x, y, bytes_, client_s, server_t0)
 
     for m in methods:
-        if resume is not None and m in resume.get("methods", {}):
-            results[m] = resume["methods"][m]
+        kept = (resume or {}).get("methods", {}).get(m)
+        repeats_done = len(kept.get("accuracy_by_classifier_seed") or {}) if kept else 0
+        if kept is not None and (classifier_seeds == 1 or m in LOCAL_MODEL_METHODS or repeats_done == classifier_seeds):
+            results[m] = kept
             log.info("[%s seed %d] %s: kept from the earlier run", setting, seed, m)
             continue
         log.info("[%s seed %d] %s", setting, seed, m)
@@ -264,7 +291,7 @@ def run_setting(
                 ps = [dataclasses.replace(p, latents=p.latents[:0]) for p in ps]
             s0 = time.time()
             built, bytes_ = fedbip_server(comps, ps, mcfg, progress)
-            record(m, built.classifier, built.stats, len(built.labels), bytes_, secs, s0)
+            record(m, built.classifier, built.stats, built.images, built.labels, bytes_, secs, s0)
         elif m == "zero-shot":
             s0 = time.time()
             labels = torch.cat([d.train_labels for d in datas]).sort().values
@@ -276,7 +303,7 @@ def run_setting(
             x = torch.cat([d.train_images for d in datas])
             y = torch.cat([d.train_labels for d in datas])
             finish(m, x, y, [int(d.train_images.numel()) for d in datas], [0.0] * n, s0)
-        elif m in ("fedavg-oneshot", "ensemble"):
+        elif m in LOCAL_MODEL_METHODS:
             key = ("local-models",)
             if key not in uploads:
                 models, secs = [], []
@@ -424,6 +451,28 @@ def privacy_markdown(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def repeats_markdown(runs: list[dict]) -> str:
+    """Per (setting, seed, method) trained with several classifier seeds: the mean accuracy over
+    the sites for each classifier seed, and their mean +- std."""
+    lines = [
+        "| setting | seed | method | mean accuracy per classifier seed | mean +- std |",
+        "|---|---|---|---|---|",
+    ]
+    for r in runs:
+        for m, v in r["methods"].items():
+            by_seed = v.get("accuracy_by_classifier_seed")
+            if not by_seed:
+                continue
+            means = []
+            for acc in by_seed.values():
+                ok = [a for a in acc.values() if a == a]
+                means.append(sum(ok) / max(1, len(ok)))
+            sd = statistics.stdev(means) if len(means) > 1 else 0.0
+            per = ", ".join(f"{s}: {x:.3f}" for s, x in zip(by_seed, means, strict=True))
+            lines.append(f"| {r['setting']} | {r['seed']} | {m} | {per} | {statistics.mean(means):.3f} +- {sd:.3f} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- speed
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -524,6 +573,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--resume", action="store_true", help="keep the finished methods of OUT/benchmark.partial.json, run the rest"
     )
+    p.add_argument(
+        "--classifier-seeds",
+        type=int,
+        default=1,
+        help="train each classifier this many times on the same training set (other seeds) to size its own noise",
+    )
     p.add_argument("--progress", action="store_true")
     p.add_argument("--batch", type=int, default=32, help="speed: client batch size")
     p.add_argument("--images", type=int, default=64, help="speed: images to synthesize")
@@ -568,11 +623,17 @@ def main(argv: list[str] | None = None) -> None:
 
                 before = earlier.get((s, int(seed)))
                 methods = a.methods.split(",")
-                runs.append(run_setting(s, methods, int(seed), extra, a.progress, not a.no_audit, save, before))
+                runs.append(
+                    run_setting(
+                        s, methods, int(seed), extra, a.progress, not a.no_audit, save, before, a.classifier_seeds
+                    )
+                )
                 save(runs[-1], tuple(runs[:-1]))
     table = summarize(runs)
     audited = any(r.get("privacy") for r in runs)
     md = to_markdown(table) + "\n" + ("Privacy audit\n\n" + privacy_markdown(runs) if audited else "")
+    if any("accuracy_by_classifier_seed" in v for r in runs for v in r["methods"].values()):
+        md += "\n\nClassifier seeds (same training sets)\n\n" + repeats_markdown(runs)
     (a.out / "benchmark.json").write_text(
         json.dumps({"runs": runs, "summary": table, "seconds": time.time() - t0}, indent=2, default=float)
     )
