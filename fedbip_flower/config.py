@@ -48,6 +48,11 @@ class DataConfig:
     domains: str = _f("medical,satellite,thermal,chalkboard", "fedbip-shapes: comma-separated client styles")
     per_class: int = _f(48, "fedbip-shapes: images per class and domain", lo=2)
     resolution: int = _f(32, "image side in pixels (fedbip-shapes renders at 32 or 64)", (32, 64, 128, 256, 512))
+    framing: str = _f(
+        "standard",
+        "fedbip-shapes: object size of the sites' images; close-up is larger than any pretraining image",
+        ("standard", "close-up"),
+    )
     partition_by: str = _f("domain", "feature shift ('domain') or label shift ('dirichlet')", ("domain", "dirichlet"))
     alpha: float = _f(0.5, "Dirichlet concentration for partition-by='dirichlet'", lo=1e-4)
     shots: int = _f(16, "few-shot training images per class per client", lo=1)

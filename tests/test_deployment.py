@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,6 +183,17 @@ def test_site_folder(tmp_path: Path) -> None:
     assert len(data.train_labels) == 20 and len(data.test_labels) == 10
     with pytest.raises(DeployError, match="already exists"):
         write_site(out, "thermal", per_class=3)
+    # --framing close-up writes the sites' larger shapes (the rows are class-major, 3 per class)
+    from PIL import Image
+
+    from fedbip_flower.tools.deploy import main
+
+    assert (
+        main(["make-site-data", str(tmp_path / "close"), "thermal", "--per-class", "3", "--framing", "close-up"]) == 0
+    )
+    name = (tmp_path / "close" / "train" / "metadata.csv").read_text().splitlines()[1 + 3 * 4 + 1].split(",")[0]
+    got = np.asarray(Image.open(tmp_path / "close" / "train" / name).convert("RGB"))
+    assert np.array_equal(got, shapes.render_sample("thermal", shapes.CLASSES[4], 1, framing="close-up"))
 
 
 def test_shrunk_folder_loads_to_the_same_tensors(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from fedbip_flower.config import ClientConfig, ServerConfig
 from fedbip_flower.data import shapes
-from fedbip_flower.tools.ldm_report import OTHER, _judge_combos, concept_recovery, train_judges
+from fedbip_flower.tools.ldm_report import OTHER, _code_images, _judge_combos, concept_recovery, train_judges
 
 
 def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_components, tmp_path):
@@ -98,3 +98,19 @@ def test_report_client_settings_take_client_keys_only():
     ):
         with pytest.raises(ConfigError, match=msg):
             client_config(bad)
+
+
+def test_judges_see_client_styles_at_the_sites_framing():
+    """With --framing close-up the judges learn the client and control styles as the sites draw
+    them, and the pretraining styles as the LDM saw them."""
+    x, y, d = _code_images(["woodcut", "medical", "ultraviolet"], 1, 3, framing="close-up")
+    assert len(x) == 3 * len(shapes.CLASSES) and d.tolist() == sorted(d.tolist())
+    for k, (style, framing) in enumerate(
+        (("woodcut", "standard"), ("medical", "close-up"), ("ultraviolet", "close-up"))
+    ):
+        i = k * len(shapes.CLASSES) + 2
+        want = shapes.render_sample(style, shapes.CLASSES[2], 0, seed=3, framing=framing)
+        assert np.array_equal(x[i].permute(1, 2, 0).numpy(), want), style
+        assert int(y[i]) == 2 and int(d[i]) == shapes.STYLES.index(style)
+    std, _, _ = _code_images(["medical"], 1, 3)
+    assert not torch.equal(std[2], x[len(shapes.CLASSES) + 2])

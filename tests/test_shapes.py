@@ -176,3 +176,33 @@ def test_client_partition_equals_natural_id_partition(pid):
 def test_unknown_style_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown style"):
         shapes.build_dataset(["nope"], per_class=1)
+
+
+def test_close_up_framing_only_enlarges_the_shape_and_reaches_the_sites():
+    """data.framing draws the same sample with a larger shape: the other random draws (position
+    fraction, rotation, colours, textures) are the same, the standard framing is the default."""
+    std = [shapes.render_sample("thermal", c, i, seed=2) for c in shapes.CLASSES for i in range(3)]
+    assert all(
+        np.array_equal(a, shapes.render_sample("thermal", c, i, seed=2, framing="standard"))
+        for a, (c, i) in zip(std, itertools.product(shapes.CLASSES, range(3)), strict=True)
+    )
+    lo_std, hi_std = shapes.FRAMINGS["standard"]
+    lo_cu, hi_cu = shapes.FRAMINGS["close-up"]
+    assert hi_cu > hi_std and lo_cu > lo_std  # larger than any pretraining image at the top
+    # the shape's area, from the fill mask, grows for every sample with the same key
+    for c in ("circle", "square", "heart"):
+        for i in range(4):
+            areas = []
+            for f in ("standard", "close-up"):
+                rng = np.random.default_rng([0, 0, shapes.CLASSES.index(c), i])
+                areas.append(shapes._render_mask(c, 32, rng, shapes.FRAMINGS[f])[0].sum())
+            assert areas[1] > areas[0] * 1.1, (c, i, areas)
+    cfg = DataConfig(per_class=2, framing="close-up")
+    mine = _shapes_partition(cfg, NodeConfig(1, 4), seed=0)
+    want = shapes.build_dataset([mine["domain"][0]], per_class=2, seed=0, framing="close-up")
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine["image"], want["image"], strict=True))
+    assert not np.array_equal(
+        np.asarray(mine["image"][0]), np.asarray(shapes.build_dataset([mine["domain"][0]], 2)["image"][0])
+    )
+    with pytest.raises(ValueError, match="unknown framing"):
+        shapes.render_sample("medical", "star", 0, framing="huge")

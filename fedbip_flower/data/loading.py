@@ -89,9 +89,9 @@ def _shapes_partition(cfg: DataConfig, node: NodeConfig, seed: int):
         # NaturalIdPartitioner(partition_by="domain") selects from the full dataset
         # (each sample is a pure function of its key; a test checks the equality).
         domain, shard, nshards = _domain_assignment(domains, node)
-        ds = shapes.build_dataset([domain], cfg.per_class, seed, cfg.resolution)
+        ds = shapes.build_dataset([domain], cfg.per_class, seed, cfg.resolution, cfg.framing)
         return _shard(ds, shard, nshards, seed)
-    ds = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution)
+    ds = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution, cfg.framing)
     return _dirichlet(ds, cfg, node, seed)
 
 

@@ -98,10 +98,25 @@ def _shape_polygons(name: str) -> list[tuple[np.ndarray, bool]]:
     raise ValueError(f"unknown shape {name!r}")
 
 
-def _render_mask(name: str, res: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+#: Object framing: the range of a shape's size (its outer radius, a fraction of the image side).
+#: Every pretraining image is ``"standard"``; ``"close-up"`` draws larger shapes than any
+#: pretraining image (0.40-0.46 never occurs there), a layout no prompt asks for: a site that
+#: frames its objects closer hands that layout to the server only through its latents.
+FRAMINGS: dict[str, tuple[float, float]] = {"standard": (0.24, 0.40), "close-up": (0.34, 0.46)}
+
+
+def _framing_range(framing: str) -> tuple[float, float]:
+    if framing not in FRAMINGS:
+        raise ValueError(f"unknown framing {framing!r}; known: {', '.join(FRAMINGS)}")
+    return FRAMINGS[framing]
+
+
+def _render_mask(
+    name: str, res: int, rng: np.random.Generator, scale_range: tuple[float, float] = FRAMINGS["standard"]
+) -> tuple[np.ndarray, ...]:
     """Anti-aliased fill mask and outline mask in [0, 1], plus the light direction."""
     big = res * _SUPERSAMPLE
-    scale = rng.uniform(0.24, 0.40) * big
+    scale = rng.uniform(*scale_range) * big
     angle = rng.uniform(0, 2 * math.pi)
     margin = scale * 1.05
     cx, cy = rng.uniform(margin, big - margin, size=2)
@@ -375,8 +390,11 @@ def _render_factors(factors, rng, m, e, light, res):
 
 
 # ----------------------------------------------------------------------------- API
-def render_sample(style: str, cls: str, index: int, seed: int = 0, resolution: int = 32):
-    """Render one sample as an HxWx3 uint8 array; a pure function of its arguments."""
+def render_sample(style: str, cls: str, index: int, seed: int = 0, resolution: int = 32, framing: str = "standard"):
+    """Render one sample as an HxWx3 uint8 array; a pure function of its arguments.
+
+    ``framing`` (``FRAMINGS``) sets the shape's size range only: every other random draw is
+    the same, so a close-up sample is its standard twin with a larger shape."""
     if style not in STYLE_FACTORS:
         raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
     if cls not in CLASSES:
@@ -385,7 +403,7 @@ def render_sample(style: str, cls: str, index: int, seed: int = 0, resolution: i
         raise ValueError(f"resolution must be one of {SUPPORTED_RESOLUTIONS}, got {resolution}")
     key = [seed, STYLES.index(style), CLASSES.index(cls), index]
     rng = np.random.default_rng(key)
-    m, e, light = _render_mask(cls, resolution, rng)
+    m, e, light = _render_mask(cls, resolution, rng, _framing_range(framing))
     img = _render_factors(STYLE_FACTORS[style], rng, m, e, light, resolution)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -431,9 +449,14 @@ def render_combos(
 
 
 def render_array(
-    styles: Sequence[str], per_class: int, seed: int = 0, resolution: int = 32, start: int = 0
+    styles: Sequence[str],
+    per_class: int,
+    seed: int = 0,
+    resolution: int = 32,
+    start: int = 0,
+    framing: str = "standard",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render ``per_class`` samples of every class in each style.
+    """Render ``per_class`` samples of every class in each style (``framing``: ``FRAMINGS``).
 
     Returns uint8 images (N, H, W, 3), int64 labels (N,) and int64 style ids (N,) (indices
     into ``STYLES``), ordered style-major, then class, then index.
@@ -442,7 +465,7 @@ def render_array(
     for s in styles:
         for c, cls in enumerate(CLASSES):
             for i in range(start, start + per_class):
-                imgs.append(render_sample(s, cls, i, seed, resolution))
+                imgs.append(render_sample(s, cls, i, seed, resolution, framing))
                 labels.append(c)
                 doms.append(STYLES.index(s))
     return np.stack(imgs), np.array(labels, np.int64), np.array(doms, np.int64)
@@ -453,6 +476,7 @@ def build_dataset(
     per_class: int = 100,
     seed: int = 0,
     resolution: int = 32,
+    framing: str = "standard",
 ):
     """The benchmark as a Hugging Face ``datasets.Dataset`` (columns image, label, domain).
 
@@ -465,7 +489,7 @@ def build_dataset(
     for s in styles:
         if s not in STYLES:
             raise ValueError(f"unknown style {s!r}; known: {', '.join(STYLES)}")
-    imgs, labels, doms = render_array(styles, per_class, seed, resolution)
+    imgs, labels, doms = render_array(styles, per_class, seed, resolution, framing=framing)
     features = datasets.Features(
         {
             "image": datasets.Image(),

@@ -84,6 +84,7 @@ def write_site(
     seed: int = 0,
     resolution: int = 32,
     force: bool = False,
+    framing: str = "standard",
 ) -> Path:
     """Write one site's data folder from the bundled benchmark; returns its absolute path.
 
@@ -112,7 +113,7 @@ def write_site(
         shutil.rmtree(train)
     from PIL import Image
 
-    images, labels, _ = shapes.render_array([style], per_class, seed, resolution)
+    images, labels, _ = shapes.render_array([style], per_class, seed, resolution, framing=framing)
     slug = style.replace(" ", "-")
     rows = []
     for k, (img, label) in enumerate(zip(images, labels, strict=True)):
@@ -711,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("--seed", type=int, default=0, help="rendering seed (default 0)")
     s.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
+    s.add_argument("--framing", default="standard", choices=tuple(shapes.FRAMINGS), help="object size (data.framing)")
     s.add_argument("--force", action="store_true", help="rewrite an existing folder's train/")
 
     s = sub.add_parser(
@@ -775,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "make-site-data":
             style = a.style or site_style(a.site)
-            out = write_site(a.out_dir, style, a.per_class, a.seed, a.resolution, a.force)
+            out = write_site(a.out_dir, style, a.per_class, a.seed, a.resolution, a.force, a.framing)
             print(
                 f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r}; "
                 f"{split_note(a.per_class)})"

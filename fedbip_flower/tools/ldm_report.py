@@ -87,10 +87,17 @@ def _judge_combos(seed: int, n_random: int = 50) -> list[tuple[str, ...]]:
     return near + [rest[i] for i in sorted(pick)]
 
 
-def _code_images(styles, per_class, seed, combos=()):
+def _code_images(styles, per_class, seed, combos=(), framing="standard"):
     """Code-rendered images of named styles (style id = index in ``shapes.STYLES``) and of
-    unnamed ``combos`` (style id = ``len(shapes.STYLES)``: the judge's extra class)."""
-    imgs, labels, doms = shapes.render_array(styles, per_class, seed=seed)
+    unnamed ``combos`` (style id = ``len(shapes.STYLES)``: the judge's extra class).
+    Pretraining styles are drawn at the standard framing, client and control styles at
+    ``framing`` (the sites' images)."""
+    pre = [s for s in styles if s in shapes.PRETRAIN_STYLES]
+    sites = [s for s in styles if s not in shapes.PRETRAIN_STYLES]
+    parts = [
+        shapes.render_array(g, per_class, seed=seed, framing=f) for g, f in ((pre, "standard"), (sites, framing)) if g
+    ]
+    imgs, labels, doms = (np.concatenate(a) for a in zip(*parts, strict=True))
     if combos:
         ci, cl, _ = shapes.render_combos(combos, max(1, per_class // 24), seed=seed)
         imgs, labels = np.concatenate([imgs, ci]), np.concatenate([labels, cl])
@@ -147,17 +154,17 @@ class Judges:
         }
 
 
-def train_judges(seed: int, device, per_class: int = 24, epochs: int = 10) -> Judges:
+def train_judges(seed: int, device, per_class: int = 24, epochs: int = 10, framing: str = "standard") -> Judges:
     """Judges of class and of style over every named style (pretraining, client, control) plus
     one class for unnamed combinations, near misses of the client styles included, so a
     sample is recognised as a client style only if all four of its factors match."""
     ccfg = ClassifierConfig(epochs=epochs, batch_size=64, lr=0.05)
     combos = _judge_combos(seed)
-    x, y, d = _code_images(list(shapes.STYLES), per_class, seed + 100, combos)
+    x, y, d = _code_images(list(shapes.STYLES), per_class, seed + 100, combos, framing)
     n_cls, n_sty = len(shapes.CLASSES), len(shapes.STYLES) + 1
     cls_model, _ = train_classifier(x, y, n_cls, ccfg, seed, device, progress=False, model=judge_net(n_cls))
     sty_model, _ = train_classifier(x, d, n_sty, ccfg, seed, device, progress=False, model=judge_net(n_sty))
-    xt, yt, dt = _code_images(list(shapes.STYLES), 8, seed + 200, combos)
+    xt, yt, dt = _code_images(list(shapes.STYLES), 8, seed + 200, combos, framing)
     factors, factor_ceilings = train_factor_judges(seed, device, max(10, per_class * 12), epochs)
     return Judges(
         cls_model,
@@ -217,6 +224,7 @@ def concept_recovery(
     shots: int = 16,
     grid: Path | None = None,
     app_cfg: ServerConfig | None = None,
+    framing: str = "standard",
 ) -> dict:
     """How far learned concepts reach: one client per style with ``shots`` images per class
     learns S and V (``client`` settings), and its concept-only samples are judged beside
@@ -238,7 +246,7 @@ def concept_recovery(
     t_app = client.timestep or first_inference_timestep(comps.scheduler, app_cfg.inference_steps)
     for k, style in enumerate(styles):
         t0 = time.time()
-        imgs, labels, _ = shapes.render_array([style], shots, seed=seed + 500)
+        imgs, labels, _ = shapes.render_array([style], shots, seed=seed + 500, framing=framing)
         empty = torch.zeros((0, 3, *imgs.shape[1:3]), dtype=torch.uint8)
         data = ClientData(
             torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(),
@@ -306,6 +314,7 @@ def report(
     steps: int = 20,
     guidance: float = 3.0,
     client: ClientConfig | None = None,
+    framing: str = "standard",
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -316,12 +325,12 @@ def report(
     xs_held, cls_held, sty_held = _sample(comps, held, per_pair, cfg, seed + 1)
     _grid(xs_pre, len(pre), len(shapes.CLASSES), per_pair, out / "ldm_samples.png")
     _grid(xs_held, len(held), len(shapes.CLASSES), per_pair, out / "ldm_heldout_prompts.png")
-    real_held = [shapes.render_sample(s, c, 0, seed=seed + 5) for s in held for c in shapes.CLASSES]
+    real_held = [shapes.render_sample(s, c, 0, seed=seed + 5, framing=framing) for s in held for c in shapes.CLASSES]
     im = shapes.image_grid(real_held, len(held), len(shapes.CLASSES))
     im.resize((im.width * 3, im.height * 3), 0).save(out / "heldout_real.png")
     log.info("samples drawn (%.0f s); training the judges", time.time() - t0)
 
-    judges = train_judges(seed, comps.device)
+    judges = train_judges(seed, comps.device, framing=framing)
     gen_acc = evaluate(judges.cls, xs_pre, cls_pre, judges.device)
     per_style = {
         s: evaluate(
@@ -335,7 +344,7 @@ def report(
     pred_pre = judges.styles_of(xs_pre)
     log.info("judges trained (%.0f s); concept recovery", time.time() - t0)
     recovery = concept_recovery(
-        comps, held, judges, client or ClientConfig(), cfg, seed, grid=out / "ldm_concept_recovery.png"
+        comps, held, judges, client or ClientConfig(), cfg, seed, grid=out / "ldm_concept_recovery.png", framing=framing
     )
     res = {
         "model": model,
@@ -345,6 +354,7 @@ def report(
             "samples_per_prompt": per_pair,
             "ddim_steps": steps,
             "guidance": guidance,
+            "framing": framing,
             "client": asdict(client or ClientConfig()),
             "bi_level_synthesis": asdict(ServerConfig()),
         },
@@ -387,10 +397,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--run-config", default="", help='client settings of concept recovery, e.g. "client.n-s=4 client.lr=0.05"'
     )
+    p.add_argument(
+        "--framing",
+        default="standard",
+        choices=tuple(shapes.FRAMINGS),
+        help="object size of the client and control styles' images (the app's data.framing)",
+    )
     a = p.parse_args(argv)
     client = client_config(a.run_config)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    r = report(a.model, a.output, a.seed, a.samples_per_prompt, a.steps, a.guidance, client)
+    r = report(a.model, a.output, a.seed, a.samples_per_prompt, a.steps, a.guidance, client, a.framing)
     print(f"generation accuracy (class-prompted samples, pretraining styles): {r['generation_accuracy']:.3f}")
     for s, v in r["generation_accuracy_per_style"].items():
         print(f"  {s:<12} {v:.3f}")
