@@ -49,7 +49,7 @@ class DataConfig:
     per_class: int = _f(48, "fedbip-shapes: images per class and domain", lo=2)
     resolution: int = _f(32, "image side in pixels (fedbip-shapes renders at 32 or 64)", (32, 64, 128, 256, 512))
     framing: str = _f(
-        "standard",
+        "close-up",
         "fedbip-shapes: object size of the sites' images; close-up is larger than any pretraining image",
         ("standard", "close-up"),
     )
@@ -63,7 +63,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ClientConfig:
     template: str = _f("", "prompt template with [S] and [V]; empty = the data preset's template")
-    n_s: int = _f(1, "tokens in the domain concept S", lo=1, hi=8)
+    n_s: int = _f(4, "tokens in the domain concept S", lo=1, hi=8)
     n_v: int = _f(1, "tokens per class concept V", lo=1, hi=8)
     injection: str = _f(
         "input", "where S/V enter: text-encoder input (paper) or output (authors' code)", ("input", "output")
@@ -71,7 +71,7 @@ class ClientConfig:
     init: str = _f("word", "concept initialisation: natural-word embeddings or random", ("word", "random"))
     steps: int = _f(120, "optimisation steps of S and V", lo=0)
     batch_size: int = _f(32, "images per optimisation step", lo=1)
-    lr: float = _f(0.01, "Adam step size of S and V, relative to the RMS of their initial vectors", lo=0.0)
+    lr: float = _f(0.05, "Adam step size of S and V, relative to the RMS of their initial vectors", lo=0.0)
     timestep: int = _f(
         0, "noise timestep T of the uploaded latents; 0 = the server's first inference timestep", lo=0, hi=999
     )

@@ -164,7 +164,7 @@ def test_client_partition_equals_natural_id_partition(pid):
     cfg = DataConfig(per_class=3)
     domains = cfg.domains.split(",")
     mine = _shapes_partition(cfg, NodeConfig(pid, 4), seed=0)
-    full = shapes.build_dataset(domains, per_class=3, seed=0)
+    full = shapes.build_dataset(domains, per_class=3, seed=0, framing=cfg.framing)
     part = NaturalIdPartitioner(partition_by="domain")
     part.dataset = full
     assert part.num_partitions == 4  # builds the id -> domain map
@@ -180,7 +180,8 @@ def test_unknown_style_is_a_clear_error():
 
 def test_close_up_framing_only_enlarges_the_shape_and_reaches_the_sites():
     """data.framing draws the same sample with a larger shape: the other random draws (position
-    fraction, rotation, colours, textures) are the same, the standard framing is the default."""
+    fraction, rotation, colours, textures) are the same. The generator's own default is the
+    pretraining framing (standard); the sites' default (DataConfig) is close-up."""
     std = [shapes.render_sample("thermal", c, i, seed=2) for c in shapes.CLASSES for i in range(3)]
     assert all(
         np.array_equal(a, shapes.render_sample("thermal", c, i, seed=2, framing="standard"))
@@ -197,6 +198,7 @@ def test_close_up_framing_only_enlarges_the_shape_and_reaches_the_sites():
                 rng = np.random.default_rng([0, 0, shapes.CLASSES.index(c), i])
                 areas.append(shapes._render_mask(c, 32, rng, shapes.FRAMINGS[f])[0].sum())
             assert areas[1] > areas[0] * 1.1, (c, i, areas)
+    assert DataConfig().framing == "close-up"
     cfg = DataConfig(per_class=2, framing="close-up")
     mine = _shapes_partition(cfg, NodeConfig(1, 4), seed=0)
     want = shapes.build_dataset([mine["domain"][0]], per_class=2, seed=0, framing="close-up")

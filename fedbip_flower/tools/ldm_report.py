@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbip_flower.config import ClassifierConfig, ClientConfig, ServerConfig
+from fedbip_flower.config import ClassifierConfig, ClientConfig, DataConfig, ServerConfig
 from fedbip_flower.data import shapes
 from fedbip_flower.method.personalize import encode_images
 from fedbip_flower.method.synthesize import synthesize_from_prompts
@@ -224,7 +224,7 @@ def concept_recovery(
     shots: int = 16,
     grid: Path | None = None,
     app_cfg: ServerConfig | None = None,
-    framing: str = "standard",
+    framing: str = DataConfig().framing,
 ) -> dict:
     """How far learned concepts reach: one client per style with ``shots`` images per class
     learns S and V (``client`` settings), and its concept-only samples are judged beside
@@ -314,7 +314,7 @@ def report(
     steps: int = 20,
     guidance: float = 3.0,
     client: ClientConfig | None = None,
-    framing: str = "standard",
+    framing: str = DataConfig().framing,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--framing",
-        default="standard",
+        default=DataConfig().framing,
         choices=tuple(shapes.FRAMINGS),
         help="object size of the client and control styles' images (the app's data.framing)",
     )
