@@ -712,7 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("--seed", type=int, default=0, help="rendering seed (default 0)")
     s.add_argument("--resolution", type=int, default=32, choices=shapes.SUPPORTED_RESOLUTIONS)
-    s.add_argument("--framing", default=DataConfig().framing, choices=tuple(shapes.FRAMINGS), help="object size (data.framing)")
+    s.add_argument(
+        "--framing", default=DataConfig().framing, choices=tuple(shapes.FRAMINGS), help="object size (data.framing)"
+    )
     s.add_argument("--force", action="store_true", help="rewrite an existing folder's train/")
 
     s = sub.add_parser(
