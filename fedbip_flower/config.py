@@ -88,7 +88,7 @@ class ServerConfig:
     guidance_scale: float = _f(3.0, "classifier-free guidance scale", lo=0.0)
     ddim_eta: float = _f(0.0, "DDIM eta (0 = deterministic)", lo=0.0, hi=1.0)
     concept_noise: float = _f(
-        0.1, "std of the per-image noise added to S, relative to the RMS of the uploaded S and V", lo=0.0
+        0.5, "std of the per-image noise added to S, relative to the RMS of the uploaded S and V", lo=0.0
     )
     multiplier: int = _f(1, "synthetic images per uploaded latent (FedBiP-S/M/L = 1/5/10)", lo=1, hi=100)
     batch_size: int = _f(64, "images per synthesis batch", lo=1)
