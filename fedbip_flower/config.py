@@ -96,6 +96,23 @@ class ServerConfig:
     wait_timeout: float = _f(300.0, "seconds to wait for min-clients nodes to connect", lo=0.0)
     max_upload_mb: float = _f(512.0, "reject a client upload larger than this", lo=0.001)
     max_images: int = _f(100000, "reject a client upload with more latents than this", lo=1)
+    site_quota: int = _f(
+        0, "latents per class a site's upload may bring to synthesis (0 = data.shots); the rest is left unused", lo=0
+    )
+    max_site_share: float = _f(
+        0.5,
+        "largest share of the synthetic training set one site may hold (its images are subsampled)",
+        lo=0.01,
+        hi=1.0,
+    )
+    defence: str = _f(
+        "exclude",
+        "screening of valid uploads (concepts vs. the words, norms, latent statistics, copies): what a flag does",
+        ("off", "report", "down-weight", "exclude"),
+    )
+    down_weight: float = _f(
+        0.25, "defence=down-weight: share of a flagged site's (or class's) latents kept", lo=0.0, hi=1.0
+    )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ to make the whole run fail after every other site had done its work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -165,7 +166,7 @@ def test_an_upload_that_decodes_to_another_image_size_is_rejected(fast_run_confi
         p = fuzz.honest_payload(model, seed=nid, domain=DOMAINS[nid % 4])
         p.latents = p.latents[:0]  # concept level only, as these honest clients are told
         train[nid] = p.to_record_dict()
-    big = fuzz.Model(model.fingerprint, 4, 32, model.hidden)  # latents for 64 px images
+    big = dataclasses.replace(model, size=32)  # latents for 64 px images
     train[102] = fuzz.honest_payload(big, seed=102, domain="thermal").to_record_dict()
     res, log, _ = _run(tmp_path, cfg, train)
     c = _by_node(res)[102]

@@ -58,10 +58,10 @@ def test_without_reject_a_failing_upload_raises_naming_its_key(fast_run_config, 
     cfg = FedBiPConfig.from_run_config(fast_run_config)
     uploads = {k: fuzz.honest_payload(model, seed=k, domain=d) for k, d in ((0, "medical"), (1, "thermal"))}
 
-    def synth(key, seed):
+    def synth(key, payload, seed):
         if key == 1:
             raise RuntimeError("out of memory")
-        return server_pipeline.synthesize_upload(tiny_components, uploads[key], cfg, seed)
+        return server_pipeline.synthesize_upload(tiny_components, payload, cfg, seed)
 
     with pytest.raises(server_pipeline.PipelineError, match="client 1: synthesis from its upload failed"):
         server_pipeline.build_global_model(tiny_components, uploads, cfg, synthesize=synth)

@@ -94,6 +94,7 @@ def results_dict(
                 "num_test": r.num_test,
                 "evaluation": r.evaluation,
                 "client_metrics": r.client_metrics,
+                "screening": r.screening,
             }
         )
     scores = strategy.scores()

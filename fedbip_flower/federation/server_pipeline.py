@@ -34,6 +34,7 @@ import torch
 
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.federation.payload import ClientPayload, safe_text
+from fedbip_flower.federation.trust import Screening, screen_uploads
 from fedbip_flower.method.synthesize import synthesize_client
 from fedbip_flower.models.classifier import train_classifier
 from fedbip_flower.models.ldm import LDMComponents
@@ -57,6 +58,7 @@ class GlobalModel:
     order: list  # keys of the clients in the training set, in client order
     synthetic: dict  # key -> (images, labels) of each client in ``order``
     rejected: dict = field(default_factory=dict)  # key -> why its upload was dropped
+    screening: dict[Hashable, Screening] = field(default_factory=dict)  # key -> quota, findings, action
     stats: dict[str, float] = field(default_factory=dict)  # the classifier's training stats
     timings: dict[str, float] = field(default_factory=dict)  # seconds: synthesis, classifier
 
@@ -128,19 +130,22 @@ def build_global_model(
     progress: bool = False,
     reject: Callable[[K, str], None] | None = None,
     before_training: Callable[[dict[K, Synthetic]], None] | None = None,
-    synthesize: Callable[[K, int], Synthetic] | None = None,
+    synthesize: Callable[[K, ClientPayload, int], Synthetic] | None = None,
+    describe: Callable[[K], str] = lambda key: f"upload {key}",
 ) -> GlobalModel:
     """Validated uploads (any hashable key each, e.g. a node id) -> synthetic set -> classifier.
 
-    Steps: synthesize each upload in client order with its seed; drop clients whose images
+    Steps: screen the uploads (:func:`~fedbip_flower.federation.trust.screen_uploads`: per-site
+    quota, ``server.defence``, balanced shares; ``describe(key)`` names a client in its log
+    lines); synthesize what is kept of each upload in client order with its seed; drop clients whose images
     have another shape than the majority's (one training set needs one image shape); call
     ``before_training(synthetic)`` (the kept clients' images, in order; it may raise to stop,
     e.g. for too few clients); train the classifier on the concatenation.
 
     ``reject(key, reason)`` is called for a client dropped on the way (its synthesis failed,
     or its image shape differs); without it such a client raises :class:`PipelineError`.
-    ``synthesize(key, seed)`` makes one client's images (default: :func:`synthesize_upload`
-    of ``uploads[key]``). All uploads must share one class list (the app's intake keeps the
+    ``synthesize(key, payload, seed)`` makes one client's images from the kept part of its
+    upload (default: :func:`synthesize_upload`). All uploads must share one class list (the app's intake keeps the
     majority's).
     """
     if not uploads:
@@ -159,15 +164,18 @@ def build_global_model(
 
     if synthesize is None:
 
-        def synthesize(key: K, seed: int) -> Synthetic:
-            return synthesize_upload(components, uploads[key], cfg, seed, progress)
+        def synthesize(key: K, payload: ClientPayload, seed: int) -> Synthetic:
+            return synthesize_upload(components, payload, cfg, seed, progress)
 
     t0 = time.time()
     order = client_order(uploads)
+    screened = screen_uploads(components, uploads, order, cfg, describe)
     synthetic: dict[K, Synthetic] = {}
     for k, key in enumerate(order):
+        if key not in screened.uploads:
+            continue  # nothing of this upload is used (see its screening)
         try:
-            synthetic[key] = synthesize(key, synthesis_seed(cfg.seed, k))
+            synthetic[key] = synthesize(key, screened.uploads[key], synthesis_seed(cfg.seed, k))
         except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
             drop(key, f"synthesis from its upload failed: {type(err).__name__}: {err}")
     shapes = {key: tuple(x.shape[1:]) for key, (x, _) in synthetic.items()}
@@ -196,6 +204,7 @@ def build_global_model(
         order=kept,
         synthetic=synthetic,
         rejected=rejected,
+        screening=screened.screening,
         stats=stats,
         timings=timings,
     )

@@ -70,6 +70,7 @@ class ClientRecord:
     accuracy: float | None = None
     num_test: int = 0
     evaluation: str = "not sent"  # scored / why the node has no score
+    screening: dict = field(default_factory=dict)  # quota, findings and action (trust.Screening)
 
 
 def expected_for(components: LDMComponents, cfg: FedBiPConfig) -> Expected:
@@ -213,9 +214,12 @@ class FedBiPStrategy(Strategy):
             reasons = "; ".join(f"node {r.node_id}: {r.reason}" for r in self.clients.values() if r.reason)
             raise FedBiPError(f"only {good} good upload(s){stage}, min-clients is {self.cfg.min_clients}. {reasons}")
 
-    def _synthesize_images(self, nid: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Node ``nid``'s synthetic images and labels (raises if its upload cannot make them)."""
-        p = self.accepted[nid]
+    def _synthesize_images(
+        self, nid: int, payload: ClientPayload | None, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node ``nid``'s synthetic images and labels from ``payload`` (default: its whole
+        accepted upload); raises if the upload cannot make them."""
+        p = self.accepted[nid] if payload is None else payload
         return synthesize_client(
             self.components,
             p,
@@ -228,7 +232,7 @@ class FedBiPStrategy(Strategy):
     def synthesize(self, nid: int, seed: int) -> bool:
         """Synthesize node ``nid``'s images; a failure rejects that node only (returns False)."""
         try:
-            self.synthetic[nid] = self._synthesize_images(nid, seed)
+            self.synthetic[nid] = self._synthesize_images(nid, None, seed)
         except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
             self._reject(nid, f"synthesis from its upload failed: {type(err).__name__}: {err}")
             return False
@@ -259,7 +263,11 @@ class FedBiPStrategy(Strategy):
             reject=self._reject,
             before_training=self._before_training,
             synthesize=self._synthesize_images,
+            describe=lambda nid: f"node {nid} ({safe_text(self.accepted[nid].domain, 40)})",
         )
+        for nid, screen in built.screening.items():
+            if nid in self.clients:
+                self.clients[nid].screening = screen.to_dict()
         log.info("synthesized %d images in %.1f s", len(built.images), self.timings["synthesis"])
         self.timings["classifier"] = built.timings["classifier"]
         self.classifier = built.classifier

@@ -11,6 +11,7 @@ same run config and seed.
 
     python -m fedbip_flower.tools.benchmark accuracy --settings shapes-feature --seeds 0,1,2
     python -m fedbip_flower.tools.benchmark speed
+    python -m fedbip_flower.tools.benchmark attacks --settings shapes-feature,shapes-label-0.5 --seeds 0,1,2
     python -m fedbip_flower.tools.benchmark accuracy --smoke      # seconds; what the tests run
 
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (accuracy per client domain,
@@ -559,7 +560,7 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("accuracy", "speed", "merge"))
+    p.add_argument("mode", choices=("accuracy", "speed", "merge", "attacks"))
     p.add_argument("inputs", nargs="*", type=Path, help="merge: benchmark(.partial).json files of separate runs")
     p.add_argument(
         "--settings", default="shapes-feature", help=f"comma list of {', '.join(SETTINGS)} (or TOML run-config files)"
@@ -579,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="train each classifier this many times on the same training set (other seeds) to size its own noise",
     )
+    p.add_argument("--attacks", default="", help="attacks: comma list of attacks (default: all; see tools/attacks.py)")
+    p.add_argument("--defences", default="off,on", help="attacks: comma list of off, on, down-weight, report")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--batch", type=int, default=32, help="speed: client batch size")
     p.add_argument("--images", type=int, default=64, help="speed: images to synthesize")
@@ -589,6 +592,11 @@ def main(argv: list[str] | None = None) -> None:
     extra = dict(parse_config_args([a.run_config])) if a.run_config else {}
     extra = {**load_experiment("smoke" if a.smoke else "benchmark"), **extra}
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.mode == "attacks":
+        from fedbip_flower.tools import attacks
+
+        attacks.main(a, extra)
+        return
     if a.mode == "speed":
         r = speed(extra, a.batch, images=a.images)
         (a.out / "speed.json").write_text(json.dumps(r, indent=2))

@@ -92,6 +92,10 @@ class Model:
     hidden: int
     timestep: int = 500
     class_names: list[str] = field(default_factory=lambda: [f"class{i}" for i in range(5)])
+    # The text encoder's token-embedding table (vocabulary, hidden): honest concepts start at
+    # their words' vectors and stay near them (the server screens for that); None: random.
+    embeddings: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    tokenizer: object = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, components, resolution: int) -> Model:
@@ -100,7 +104,14 @@ class Model:
             components.latent_channels,
             resolution // components.vae_factor,
             components.hidden_size,
+            embeddings=components.text_encoder.get_input_embeddings().weight.detach().float().cpu(),
+            tokenizer=components.tokenizer,
         )
+
+    def word(self, text: str) -> torch.Tensor:
+        """The token embedding of ``text``'s first token (needs ``embeddings``)."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids or [0]
+        return self.embeddings[ids[0]]
 
 
 def honest_payload(model: Model, seed: int, n: int = 6, domain: str = "medical") -> ClientPayload:
@@ -109,11 +120,18 @@ def honest_payload(model: Model, seed: int, n: int = 6, domain: str = "medical")
     k = len(model.class_names)
     labels = torch.arange(n) % min(k, 3)
     classes = labels.unique()
+    latents = torch.randn(n, model.channels, model.size, model.size, generator=g).half()
+    s = torch.randn(1, model.hidden, generator=g)
+    v = torch.randn(len(classes), 1, model.hidden, generator=g)
+    if model.embeddings is not None:  # concepts as honest training leaves them: near the words
+        words = torch.stack([model.word(model.class_names[int(c)]) for c in classes])[:, None]
+        v = words + 0.2 * words.norm(dim=-1, keepdim=True) * v / model.hidden**0.5
+        s = 0.5 * model.word(domain).norm() * s / model.hidden**0.5
     return ClientPayload(
-        latents=torch.randn(n, model.channels, model.size, model.size, generator=g).half(),
+        latents=latents,
         labels=labels,
-        s=torch.randn(1, model.hidden, generator=g),
-        v=torch.randn(len(classes), 1, model.hidden, generator=g),
+        s=s,
+        v=v,
         v_classes=classes,
         class_names=list(model.class_names),
         domain=domain,
