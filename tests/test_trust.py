@@ -178,3 +178,25 @@ def test_per_class_cap_and_spread():
     labels = torch.tensor([2, 0, 0, 1, 0, 2, 0])
     assert trust.per_class_cap(labels, 2).tolist() == [0, 1, 2, 3, 5]
     assert trust.spread_cap(labels, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_the_app_reports_the_screening_per_node(fast_run_config, tmp_path, tiny_components, model, capsys):
+    """Through the ServerApp: the attacker is excluded, results.json and the log say so, naming
+    its node; the honest nodes' entries carry an empty screening; the launcher prints it."""
+    from fedbip_flower.tools.launch import print_summary
+    from tests.test_hostile import _run
+
+    honest = {nid: anchored(tiny_components, model, nid, d) for nid, d in ((101, "satellite"), (102, "thermal"))}
+    bad = attacks.attacked_uploads("permute-concepts", [anchored(tiny_components, model, 100, "medical")], None)[0]
+    train = {100: bad.to_record_dict(), **{k: p.to_record_dict() for k, p in honest.items()}}
+    res, log, _ = _run(tmp_path, {**fast_run_config, "min-clients": 3, "data.shots": 3}, train)
+    by = {c["node_id"]: c for c in res["clients"]}
+    assert res["status"] == "completed"
+    assert by[100]["screening"]["action"] == "excluded" and by[100]["screening"]["used"] == 0
+    assert by[100]["screening"]["findings"][0]["check"] == "class-concept-mismatch"
+    assert not by[101]["screening"]["flagged"] and by[101]["screening"]["used"] == 15
+    assert by[101]["screening"]["synthetic"] == 15 and by[100]["screening"]["synthetic"] == 0
+    assert "node 100 (medical) flagged, class-concept-mismatch" in log
+    assert res["num_synthetic"] == 30
+    print_summary(res)
+    assert "screened: node 100: excluded (class-concept-mismatch); 0 of 15 latents used" in capsys.readouterr().out

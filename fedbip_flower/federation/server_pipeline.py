@@ -174,10 +174,15 @@ def build_global_model(
     for k, key in enumerate(order):
         if key not in screened.uploads:
             continue  # nothing of this upload is used (see its screening)
+        t_site = time.time()
         try:
             synthetic[key] = synthesize(key, screened.uploads[key], synthesis_seed(cfg.seed, k))
         except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
             drop(key, f"synthesis from its upload failed: {type(err).__name__}: {err}")
+            continue
+        # the server's work for this site, reported with its screening
+        screened.screening[key].synthetic = len(synthetic[key][1])
+        screened.screening[key].synthesis_seconds = round(time.time() - t_site, 2)
     shapes = {key: tuple(x.shape[1:]) for key, (x, _) in synthetic.items()}
     if shapes:
         common, _ = Counter(shapes.values()).most_common(1)[0]

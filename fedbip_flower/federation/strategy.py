@@ -8,6 +8,12 @@ the good uploads, in an order and with seeds fixed by the uploads themselves, an
 global classifier. Evaluate phase: send the classifier to every instructed node still
 online, which scores it on its private test split.
 
+A valid upload is still not trusted: before synthesis the pipeline bounds each site's share
+(quota of ``data.shots`` latents per class, balanced site shares) and screens its concepts and
+latents (:mod:`~fedbip_flower.federation.trust`); a flagged site or class is excluded by
+default (``server.defence``), with its findings logged naming the node and written to
+``results.json``.
+
 No client can stop the run: every per-client step (intake, validation including the prompt
 layout with the server's tokenizer, synthesis from that client's upload, its evaluation
 reply) is guarded on its own, and a failure rejects or ignores that client only, with a

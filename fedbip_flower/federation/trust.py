@@ -93,6 +93,10 @@ class Screening:
     findings: list[Finding] = field(default_factory=list)
     action: str = "kept"  # kept / down-weighted / classes excluded / excluded / flagged (report)
     excluded_classes: list[int] = field(default_factory=list)
+    # what the checks measured (their margins on honest uploads are in docs/robustness.md)
+    stats: dict[str, float] = field(default_factory=dict)
+    synthetic: int = 0  # images synthesized from it
+    synthesis_seconds: float = 0.0
 
     @property
     def flagged(self) -> bool:
@@ -107,6 +111,9 @@ class Screening:
             "findings": [f.to_dict() for f in self.findings],
             "action": self.action,
             "excluded_classes": list(self.excluded_classes),
+            "stats": dict(self.stats),
+            "synthetic": self.synthetic,
+            "synthesis_seconds": self.synthesis_seconds,
         }
 
 
@@ -192,9 +199,11 @@ def _word_anchors(components, payload: ClientPayload) -> tuple[torch.Tensor, tor
     return initial_vectors(components.text_encoder, layout, payload.injection, "word", torch.Generator())
 
 
-def concept_findings(components, payload: ClientPayload, cfg: FedBiPConfig) -> list[Finding]:
-    """Findings on the concepts S and V of one upload (see the module docstring)."""
+def concept_findings(components, payload: ClientPayload, cfg: FedBiPConfig, stats: dict | None = None) -> list[Finding]:
+    """Findings on the concepts S and V of one upload (see the module docstring); ``stats``
+    receives what was measured: the largest norm ratio, own/other word distance ratio and drift."""
     out: list[Finding] = []
+    stats = {} if stats is None else stats
     if cfg.client.init != "word":
         return out  # concepts start at random: there is no word to compare with
     s0, v0 = _word_anchors(components, payload)
@@ -220,6 +229,10 @@ def concept_findings(components, payload: ClientPayload, cfg: FedBiPConfig) -> l
     nearest_other, which = other.min(1)
     word_norm = words.norm(dim=1).clamp_min(1e-8)[payload.v_classes]
     drift = own / word_norm
+    stats["norm-ratio"] = longest / ref
+    stats["word-distance-ratio"] = float((own / nearest_other).max())
+    stats["drift"] = float(drift.max())
+    stats["drift-min"] = float(drift.min())
     names = payload.class_names
     mismatch = [(i, c) for i, c in enumerate(classes) if own[i] >= nearest_other[i]]
     if mismatch:
@@ -257,13 +270,17 @@ def concept_findings(components, payload: ClientPayload, cfg: FedBiPConfig) -> l
     return out
 
 
-def latent_findings(payload: ClientPayload) -> list[Finding]:
-    """Findings on the statistics of one upload's noised latents."""
+def latent_findings(payload: ClientPayload, stats: dict | None = None) -> list[Finding]:
+    """Findings on the statistics of one upload's noised latents (``stats`` receives the range
+    of the per-latent std and the largest |mean|)."""
     n = payload.latents.shape[0]
     if n == 0:
         return []
+    stats = {} if stats is None else stats
     flat = payload.latents.float().reshape(n, -1)
     std, mean = flat.std(1), flat.mean(1)
+    stats["latent-std-min"], stats["latent-std-max"] = float(std.min()), float(std.max())
+    stats["latent-mean-abs-max"] = float(mean.abs().max())
     odd = (std < LATENT_STD[0]) | (std > LATENT_STD[1]) | (mean.abs() > LATENT_MEAN)
     share = float(odd.float().mean())
     if share <= MAX_ODD_LATENTS:
@@ -333,10 +350,10 @@ def screen_uploads(
         for key in order:
             p = uploads[key]
             try:
-                screens[key].findings += concept_findings(components, p, cfg)
+                screens[key].findings += concept_findings(components, p, cfg, screens[key].stats)
             except Exception as err:  # noqa: BLE001 - a check that cannot run is reported, never fatal
                 screens[key].findings.append(Finding("unscreenable", f"{type(err).__name__}: {safe_text(str(err))}"))
-            screens[key].findings += latent_findings(subset(p, kept[key]))
+            screens[key].findings += latent_findings(subset(p, kept[key]), screens[key].stats)
         _copies(uploads, order, kept, row_keys, screens, describe, act=policy in ("down-weight", "exclude"))
         for key in order:
             _act(uploads[key], key, kept, screens[key], policy, cfg.server.down_weight)

@@ -18,7 +18,9 @@ server's seconds and images synthesized, and which sites were flagged (with the 
     python -m fedbip_flower.tools.benchmark attacks --settings shapes-label-0.01 --attacks none --seeds 0,1,2
 
 Results go to ``<out>/attacks.json`` (written after every run; ``--resume`` keeps finished
-runs) and ``<out>/attacks.md``.
+runs) and ``<out>/attacks.md``. ``--screen-only`` personalizes the sites and prints what each
+check measured on their clean uploads (the honest margins of the thresholds), without
+training any classifier: ``<out>/screening.json`` and ``screening.md``.
 """
 
 from __future__ import annotations
@@ -155,32 +157,81 @@ def attacked_uploads(name: str, ps: list[ClientPayload], ctx: Context) -> list[C
     return out
 
 
-def run_attacks(
-    setting: str, seed: int, attacks: list[str], defences: list[str], extra: dict, done: dict, save
-) -> None:
-    """Run every (attack, defence) not in ``done`` for one (setting, seed); ``save(key, run)``."""
-    from fedbip_flower.tools.benchmark import fedbip_server
+STAT_KEYS = (
+    "word-distance-ratio",
+    "drift",
+    "drift-min",
+    "norm-ratio",
+    "latent-std-min",
+    "latent-std-max",
+    "latent-mean-abs-max",
+)
 
+
+def honest_uploads(setting: str, seed: int, extra: dict) -> tuple[Context, list[ClientPayload], list[str]]:
+    """Every site of (setting, seed) personalized as the benchmark's clients are."""
     cfg = FedBiPConfig.from_run_config({**load_experiment(setting), **extra, "seed": seed})
     comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
     t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
     n = cfg.min_clients
     datas = [load_client_data(cfg.data, NodeConfig(k, n), seed) for k in range(n)]
     names = [d.domain if len({dd.domain for dd in datas}) == n else f"{d.domain}#{k}" for k, d in enumerate(datas)]
-    ctx = Context(comps, cfg, datas, t, seed)
-    ps = None
+    c0 = time.time()
+    ps = [
+        personalize(comps, d, cfg.client, template_for(cfg), t, client_seed(cfg, NodeConfig(k, n)), False)
+        for k, d in enumerate(datas)
+    ]
+    log.info("[%s seed %d] %d sites personalized in %.0f s", setting, seed, n, time.time() - c0)
+    return Context(comps, cfg, datas, t, seed), ps, names
+
+
+def screen_only(settings: list[str], seeds: list[int], extra: dict, out: Path) -> str:
+    """What every check measured on the clean uploads of each (setting, seed), per site."""
+    from fedbip_flower.federation.server_pipeline import client_order
+    from fedbip_flower.federation.trust import screen_uploads
+
+    rows = []
+    for setting in settings:
+        for seed in seeds:
+            ctx, ps, names = honest_uploads(setting, seed, extra)
+            ups = dict(enumerate(ps))
+            screened = screen_uploads(ctx.comps, ups, client_order(ups), ctx.cfg)
+            for k, s in screened.screening.items():
+                rows.append({"setting": setting, "seed": seed, "site": names[k], "flagged": s.flagged, **s.stats})
+    (out / "screening.json").write_text(json.dumps({"sites": rows}, indent=2))
+    head = "| setting | seed | site | " + " | ".join(STAT_KEYS) + " | flagged |"
+    lines = [head, "|---" * (len(STAT_KEYS) + 4) + "|"]
+    for r in rows:
+        vals = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in STAT_KEYS)
+        lines.append(f"| {r['setting']} | {r['seed']} | {r['site']} | {vals} | {'yes' if r['flagged'] else 'no'} |")
+    worst = {
+        k: (max if k not in ("drift-min", "latent-std-min") else min)(r[k] for r in rows if k in r) for k in STAT_KEYS
+    }
+    lines.append(
+        "| all | | worst | "
+        + " | ".join(f"{worst[k]:.3f}" for k in STAT_KEYS)
+        + f" | {sum(r['flagged'] for r in rows)} flagged |"
+    )
+    md = "\n".join(lines)
+    (out / "screening.md").write_text(md + "\n")
+    return md
+
+
+def run_attacks(
+    setting: str, seed: int, attacks: list[str], defences: list[str], extra: dict, done: dict, save
+) -> None:
+    """Run every (attack, defence) not in ``done`` for one (setting, seed); ``save(key, run)``."""
+    from fedbip_flower.tools.benchmark import fedbip_server
+
+    ctx = ps = names = None
     for attack in attacks:
         for defence in defences:
             key = f"{setting}|{seed}|{attack}|{defence}"
             if key in done or (attack in ON_ONLY and defence == "off"):
                 continue
             if ps is None:
-                c0 = time.time()
-                ps = [
-                    personalize(comps, d, cfg.client, template_for(cfg), t, client_seed(cfg, NodeConfig(k, n)), False)
-                    for k, d in enumerate(datas)
-                ]
-                log.info("[%s seed %d] %d sites personalized in %.0f s", setting, seed, n, time.time() - c0)
+                ctx, ps, names = honest_uploads(setting, seed, extra)
+            cfg, comps, datas = ctx.cfg, ctx.comps, ctx.datas
             over = {**DEFENCES[defence]}
             if over.get("server.site-quota") == -1:
                 over["server.site-quota"] = cfg.server.max_images
@@ -296,6 +347,10 @@ def main(a, extra: dict) -> None:
     if bad:
         raise SystemExit(f"unknown defence(s) {bad}; known: {', '.join(DEFENCES)}")
     t0 = time.time()
+    if a.screen_only:
+        print(screen_only(a.settings.split(","), [int(x) for x in a.seeds.split(",")], extra, out))
+        print(f"wall time {time.time() - t0:.0f} s; written to {out / 'screening.json'} and screening.md")
+        return
 
     def save(key, run):
         runs[key] = run

@@ -572,7 +572,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-audit", action="store_true", help="skip the privacy audit")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     p.add_argument(
-        "--resume", action="store_true", help="keep the finished methods of OUT/benchmark.partial.json, run the rest"
+        "--resume",
+        action="store_true",
+        help="keep the finished methods of OUT/benchmark.partial.json (attacks: the runs of OUT/attacks.json), run the rest",
     )
     p.add_argument(
         "--classifier-seeds",
@@ -582,6 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--attacks", default="", help="attacks: comma list of attacks (default: all; see tools/attacks.py)")
     p.add_argument("--defences", default="off,on", help="attacks: comma list of off, on, down-weight, report")
+    p.add_argument("--screen-only", action="store_true", help="attacks: only what the checks measure on clean uploads")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--batch", type=int, default=32, help="speed: client batch size")
     p.add_argument("--images", type=int, default=64, help="speed: images to synthesize")

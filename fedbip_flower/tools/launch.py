@@ -366,6 +366,19 @@ def print_summary(results: dict) -> int:
         print(f"mean accuracy: {results['mean_accuracy']:.4f} (accepted sites)")
     if results.get("rejected_mean_accuracy") is not None:
         print(f"rejected sites, apart: mean accuracy {results['rejected_mean_accuracy']:.4f}")
+    screened = [
+        c
+        for c in results["clients"]
+        if (c.get("screening") or {}).get("flagged") or (c.get("screening") or {}).get("notes")
+    ]
+    for c in screened:
+        s = c["screening"]
+        checks = ", ".join(sorted({f["check"] for f in s["findings"]})) or "quota"
+        print(f"screened: node {c['node_id']}: {s['action']} ({checks}); {s['used']} of {s['received']} latents used")
+    used = [c for c in results["clients"] if c["status"] == "accepted" and c["accuracy"] is not None]
+    kept = [c["accuracy"] for c in used if (c.get("screening") or {}).get("action") != "excluded"]
+    if kept and len(kept) < len(used):
+        print(f"mean accuracy without the excluded sites: {sum(kept) / len(kept):.4f}")
     print("time (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()))
     if results.get("status") == "unscored":
         print(f"\nFedBiP run UNSCORED: {results.get('error', '')}", file=sys.stderr)
