@@ -108,7 +108,7 @@ class ServerConfig:
     defence: str = _f(
         "exclude",
         "screening of valid uploads (concepts vs. the words, norms, latent statistics, copies): what a flag does",
-        ("off", "report", "down-weight", "exclude"),
+        ("off", "report", "down-weight", "exclude", "replace"),
     )
     down_weight: float = _f(
         0.25, "defence=down-weight: share of a flagged site's (or class's) latents kept", lo=0.0, hi=1.0

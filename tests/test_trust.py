@@ -116,14 +116,32 @@ def test_relabelled_latents_are_not_flagged(tiny_components, cfg, honest):
     assert attacks.ATTACKER in built.order
 
 
-@pytest.mark.parametrize("policy", ["report", "down-weight"])
+@pytest.mark.parametrize("policy", ["report", "down-weight", "replace"])
 def test_policies(policy, tiny_components, cfg, honest):
     ups = attacks.attacked_uploads("permute-concepts", honest, _context(tiny_components, cfg))
     c = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, defence=policy, down_weight=0.34))
-    built = server_pipeline.build_global_model(tiny_components, dict(enumerate(ups)), c)
-    screen = built.screening[attacks.ATTACKER]
+    screened = trust.screen_uploads(tiny_components, dict(enumerate(ups)), [0, 1, 2], c)
+    screen = screened.screening[attacks.ATTACKER]
     assert screen.flagged
-    assert screen.used == (15 if policy == "report" else 10)  # ceil(0.34 * 3) of each of 5 classes
+    assert screen.used == (10 if policy == "down-weight" else 15)  # ceil(0.34 * 3) of each of 5 classes
+    used = screened.uploads[attacks.ATTACKER]
+    if policy == "replace":  # V by the median of the other two sites' V, S by the plain word
+        others = torch.stack([honest[1].v, honest[2].v]).median(0).values
+        assert torch.equal(used.v, others) and screen.action.startswith("concepts replaced")
+        assert not torch.equal(used.s, ups[attacks.ATTACKER].s)
+        assert torch.equal(used.latents, ups[attacks.ATTACKER].latents)
+    else:
+        assert torch.equal(used.v, ups[attacks.ATTACKER].v)
+
+
+def test_replace_swaps_back_only_the_flagged_classes(tiny_components, cfg, honest):
+    ups = attacks.attacked_uploads("swap-two-concepts", honest, _context(tiny_components, cfg))
+    c = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, defence="replace"))
+    screened = trust.screen_uploads(tiny_components, dict(enumerate(ups)), [0, 1, 2], c)
+    used, bad = screened.uploads[0], ups[0]
+    assert torch.equal(used.v[2:], bad.v[2:]) and torch.equal(used.s, bad.s)
+    assert torch.equal(used.v[:2], torch.stack([honest[1].v[:2], honest[2].v[:2]]).median(0).values)
+    assert screened.screening[0].action == "class concepts [0, 1] replaced by the other sites'"
 
 
 def test_latent_statistics_flag_scaled_latents(tiny_components, cfg, honest):

@@ -62,7 +62,8 @@ from fedbip_flower.federation.payload import ClientPayload, safe_text
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 
-POLICIES = ("off", "report", "down-weight", "exclude")
+POLICIES = ("off", "report", "down-weight", "exclude", "replace")
+CONCEPT_CHECKS = ("class-concept-mismatch", "concept-drift", "concept-norm", "concepts-not-learned")
 MAX_DRIFT = 3.0  # |V[c] - word(c)| / |word(c)|; honest <= 0.94 on the bundled world
 MAX_NORM = 8.0  # |any S or V vector| / longest initial vector; honest <= ~1.5
 UNLEARNED = 1e-3  # |V[c] - word(c)| / |word(c)| below this for every class: not learned
@@ -354,9 +355,11 @@ def screen_uploads(
             except Exception as err:  # noqa: BLE001 - a check that cannot run is reported, never fatal
                 screens[key].findings.append(Finding("unscreenable", f"{type(err).__name__}: {safe_text(str(err))}"))
             screens[key].findings += latent_findings(subset(p, kept[key]), screens[key].stats)
-        _copies(uploads, order, kept, row_keys, screens, describe, act=policy in ("down-weight", "exclude"))
+        _copies(uploads, order, kept, row_keys, screens, describe, act=policy != "report")
         for key in order:
             _act(uploads[key], key, kept, screens[key], policy, cfg.server.down_weight)
+        if policy == "replace":
+            uploads = _replace_concepts(components, uploads, order, kept, screens)
 
     counts = [len(kept[k]) * cfg.server.multiplier for k in order]
     cap = share_cap(counts, cfg.server.max_site_share)
@@ -417,8 +420,17 @@ def _copies(uploads, order, kept, row_keys, screens, describe, act: bool) -> Non
         screens[loser].notes.append(f"{n} latents copied from {describe(winner)} left unused (kept there)")
 
 
+def _targets(payload: ClientPayload, findings: list[Finding]) -> tuple[bool, set[int]]:
+    """(whole site?, the classes to act on) for ``findings`` on ``payload``."""
+    classes = {int(c) for c in payload.v_classes.tolist()}
+    flagged = {c for f in findings for c in f.classes}
+    whole = any(not f.classes for f in findings) or len(flagged) * 2 >= len(classes)
+    return whole, (classes if whole else flagged)
+
+
 def _act(payload: ClientPayload, key, kept: dict, screen: Screening, policy: str, down_weight: float) -> None:
-    """Apply ``policy`` to one site's findings (copies were handled already)."""
+    """Apply ``policy`` to one site's findings (copies were handled already; ``replace`` of
+    concepts is done by :func:`_replace_concepts`, here only what it cannot repair)."""
     findings = [f for f in screen.findings if f.check != "copied-latents"]
     if not findings:
         if screen.findings:
@@ -427,10 +439,13 @@ def _act(payload: ClientPayload, key, kept: dict, screen: Screening, policy: str
     if policy == "report":
         screen.action = "flagged (report only)"
         return
-    classes = {int(c) for c in payload.v_classes.tolist()}
-    flagged = {c for f in findings for c in f.classes}
-    whole = any(not f.classes for f in findings) or len(flagged) * 2 >= len(classes)
-    targets = classes if whole else flagged
+    if policy == "replace":
+        if any(f.check not in CONCEPT_CHECKS for f in findings):  # latents cannot be repaired
+            kept[key] = kept[key][:0]
+            screen.excluded_classes = sorted(int(c) for c in payload.v_classes.tolist())
+            screen.action = "excluded"
+        return
+    whole, targets = _targets(payload, findings)
     labels = payload.labels[kept[key]]
     hit = torch.tensor([int(c) in targets for c in labels.tolist()], dtype=torch.bool)
     if policy == "exclude":
@@ -445,3 +460,45 @@ def _act(payload: ClientPayload, key, kept: dict, screen: Screening, policy: str
         keep[idx[math.ceil(down_weight * len(idx)) :]] = False
     kept[key] = kept[key][keep]
     screen.action = "down-weighted" if whole else f"classes {sorted(targets)} down-weighted"
+
+
+def _replace_concepts(components, uploads: Mapping, order: list, kept: dict, screens: dict) -> dict:
+    """``defence = replace``: a flagged class concept V[c] is replaced by the median of the
+    unflagged sites' V[c] (the class's word where no site holds it unflagged); a site-wide
+    finding replaces every V[c] so and S by the plain domain word. The site's latents are kept:
+    they are synthesized under concepts the server can vouch for."""
+    plans = {}
+    for key in order:
+        s = screens[key]
+        findings = [f for f in s.findings if f.check in CONCEPT_CHECKS]
+        if findings and s.action != "excluded":
+            plans[key] = _targets(uploads[key], findings)
+    if not plans:
+        return uploads
+    trusted: dict[tuple, list[torch.Tensor]] = {}  # (class, n_v, D) -> unflagged V[c] of other sites
+    for key in order:
+        p = uploads[key]
+        whole, bad = plans.get(key, (False, set()))
+        if whole or screens[key].action == "excluded":
+            continue
+        for i, c in enumerate(p.v_classes.tolist()):
+            if c not in bad:
+                trusted.setdefault((c, *p.v.shape[1:]), []).append(p.v[i])
+    out = dict(uploads)
+    for key, (whole, targets) in plans.items():
+        p = uploads[key]
+        s0, v0 = _word_anchors(components, p)
+        v = p.v.clone()
+        for i, c in enumerate(p.v_classes.tolist()):
+            if c in targets:
+                others = trusted.get((c, *p.v.shape[1:]))
+                v[i] = torch.stack(others).median(0).values if others else v0[c]
+        out[key] = replace(p, v=v, s=s0.to(p.s.dtype) if whole else p.s)
+        screen = screens[key]
+        screen.excluded_classes = []
+        screen.action = (
+            "concepts replaced (S by its word, V by the other sites')"
+            if whole
+            else f"class concepts {sorted(targets)} replaced by the other sites'"
+        )
+    return out

@@ -7,8 +7,8 @@ validated, screened, synthesized, classifier trained), once with the defence off
 
 - ``off``: ``server.defence = off``, no quota (``server.site-quota`` = ``server.max-images``),
   no share bound (``server.max-site-share = 1``): the server as it trusted every valid upload;
-- ``on``: the defaults (quota ``data.shots`` per class, share bound 0.5, defence ``exclude``);
-- ``down-weight``, ``report``: the other policies, for choosing the default.
+- ``on``: the defaults (quota ``data.shots`` per class, share bound 0.5, the default policy);
+- ``exclude``, ``replace``, ``down-weight``, ``report``: each policy, for choosing the default.
 
 Reported per run: every site's accuracy, the honest sites' mean (all but the attacker), the
 server's seconds and images synthesized, and which sites were flagged (with the checks).
@@ -49,6 +49,8 @@ ATTACKER = 0  # the partition that attacks
 DEFENCES: dict[str, dict] = {
     "off": {"server.defence": "off", "server.site-quota": -1, "server.max-site-share": 1.0},
     "on": {},
+    "exclude": {"server.defence": "exclude"},
+    "replace": {"server.defence": "replace"},
     "down-weight": {"server.defence": "down-weight"},
     "report": {"server.defence": "report"},
 }
