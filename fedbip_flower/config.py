@@ -106,7 +106,7 @@ class ServerConfig:
         hi=1.0,
     )
     defence: str = _f(
-        "exclude",
+        "replace",
         "screening of valid uploads (concepts vs. the words, norms, latent statistics, copies): what a flag does",
         ("off", "report", "down-weight", "exclude", "replace"),
     )

@@ -101,9 +101,9 @@ def test_each_attack_is_caught_and_named(attack, tiny_components, cfg, honest, c
         assert checks <= ({"copied-latents"} if attack == "copy-other-site" and k == 1 else set()), (k, checks)
     assert len(built.labels) > 0 and built.stats["sgd-steps"] >= 1
     if attack in ("permute-concepts", "scale-concepts-x50", "noise-concepts", "zero-shot-concepts"):
-        assert screen.action == "excluded" and screen.used == 0 and attacks.ATTACKER not in built.order
+        assert screen.action.startswith("concepts replaced") and screen.used == 15  # the default policy
     if attack == "swap-two-concepts":
-        assert screen.excluded_classes == [0, 1] and screen.used == 9
+        assert screen.action == "class concepts [0, 1] replaced by the other sites'" and screen.used == 15
     if attack == "inflate-x10":
         assert screen.used == screen.received // 10 == 15
 
@@ -116,14 +116,17 @@ def test_relabelled_latents_are_not_flagged(tiny_components, cfg, honest):
     assert attacks.ATTACKER in built.order
 
 
-@pytest.mark.parametrize("policy", ["report", "down-weight", "replace"])
+@pytest.mark.parametrize("policy", ["report", "down-weight", "replace", "exclude"])
 def test_policies(policy, tiny_components, cfg, honest):
     ups = attacks.attacked_uploads("permute-concepts", honest, _context(tiny_components, cfg))
     c = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, defence=policy, down_weight=0.34))
     screened = trust.screen_uploads(tiny_components, dict(enumerate(ups)), [0, 1, 2], c)
     screen = screened.screening[attacks.ATTACKER]
     assert screen.flagged
-    assert screen.used == (10 if policy == "down-weight" else 15)  # ceil(0.34 * 3) of each of 5 classes
+    assert screen.used == {"down-weight": 10, "exclude": 0}.get(policy, 15)  # ceil(0.34 * 3) of each of 5 classes
+    if policy == "exclude":
+        assert attacks.ATTACKER not in screened.uploads and screen.action == "excluded"
+        return
     used = screened.uploads[attacks.ATTACKER]
     if policy == "replace":  # V by the median of the other two sites' V, S by the plain word
         others = torch.stack([honest[1].v, honest[2].v]).median(0).values
@@ -210,11 +213,12 @@ def test_the_app_reports_the_screening_per_node(fast_run_config, tmp_path, tiny_
     res, log, _ = _run(tmp_path, {**fast_run_config, "min-clients": 3, "data.shots": 3}, train)
     by = {c["node_id"]: c for c in res["clients"]}
     assert res["status"] == "completed"
-    assert by[100]["screening"]["action"] == "excluded" and by[100]["screening"]["used"] == 0
+    replaced = "concepts replaced (S by its word, V by the other sites')"
+    assert by[100]["screening"]["action"] == replaced and by[100]["screening"]["used"] == 15
     assert by[100]["screening"]["findings"][0]["check"] == "class-concept-mismatch"
     assert not by[101]["screening"]["flagged"] and by[101]["screening"]["used"] == 15
-    assert by[101]["screening"]["synthetic"] == 15 and by[100]["screening"]["synthetic"] == 0
+    assert by[101]["screening"]["synthetic"] == 15 == by[100]["screening"]["synthetic"]
     assert "node 100 (medical) flagged, class-concept-mismatch" in log
-    assert res["num_synthetic"] == 30
+    assert res["num_synthetic"] == 45
     print_summary(res)
-    assert "screened: node 100: excluded (class-concept-mismatch); 0 of 15 latents used" in capsys.readouterr().out
+    assert f"screened: node 100: {replaced} (class-concept-mismatch); 15 of 15 latents used" in capsys.readouterr().out

@@ -319,7 +319,7 @@ def summarize(runs: dict) -> str:
                 cost = f" ({statistics.mean(costs):+.3f})" if costs else ""
                 cells.append(f"{m:.3f}{cost}")
                 secs.append(f"{statistics.mean(r['server_seconds'] for r in rs):.0f}")
-            on = per.get("on", [])
+            on = [r for d, rs in per.items() if d != "off" for r in rs]
             att = f"{sum(r['attacker_flagged'] for r in on)}/{len(on)}" if on and attack != "none" else "-"
             wrong = sorted({nm for r in on for nm in r["flagged_honest"]})
             seeds = sorted({r["seed"] for d in per.values() for r in d})
