@@ -36,6 +36,11 @@ frozen LDM's text encoder. No real image is needed. Three stages, all in
    ``down-weight``: a flagged class (or a flagged site's every class) keeps
    ``server.down-weight`` of its latents. ``exclude``: a flagged class is dropped; a site
    with a site-wide finding, or with half or more of its classes flagged, is dropped whole.
+   ``replace`` (the default, chosen on validation seed 100): a flagged class concept is
+   replaced by the median of the unflagged sites' concepts for that class (its word if there
+   are none), a site-wide finding replaces every class concept so and S by the plain domain
+   word; the site's latents are kept, synthesized under concepts the server can vouch for
+   (a latent-statistics finding excludes the site: latents cannot be repaired).
 3. **Balance** (``server.max-site-share``): no site holds more than that share of the
    latents that go to synthesis (hence of the synthetic set); a larger site is subsampled
    class by class. With a classifier step budget the classifier's work is fixed; with an

@@ -133,6 +133,7 @@ def _poisoned_training(ps, a, ctx):
 
 ATTACKS: dict[str, Callable | None] = {
     "none": None,
+    "absent": None,  # the reference: the attacker's site sends nothing (its data is lost to the others)
     "permute-concepts": _permute,
     "swap-two-concepts": _swap_two,
     "scale-concepts-x50": _scale,
@@ -145,11 +146,14 @@ ATTACKS: dict[str, Callable | None] = {
     "inflate-100k": _inflate(100_000),
 }
 ON_ONLY = {"inflate-100k"}  # without a quota this is hours of synthesis: run with the defence on only
+OFF_ONLY = {"absent"}  # nothing to screen: the same run with the defence on
 
 
 def attacked_uploads(name: str, ps: list[ClientPayload], ctx: Context) -> list[ClientPayload]:
     """The uploads with site ``ATTACKER``'s replaced by attack ``name``'s."""
     fn = ATTACKS[name]
+    if name == "absent":
+        return [p for k, p in enumerate(ps) if k != ATTACKER]
     if fn is None:
         return list(ps)
     if name == "inflate-x10":
@@ -229,7 +233,7 @@ def run_attacks(
     for attack in attacks:
         for defence in defences:
             key = f"{setting}|{seed}|{attack}|{defence}"
-            if key in done or (attack in ON_ONLY and defence == "off"):
+            if key in done or (attack in ON_ONLY and defence == "off") or (attack in OFF_ONLY and defence != "off"):
                 continue
             if ps is None:
                 ctx, ps, names = honest_uploads(setting, seed, extra)
@@ -248,8 +252,10 @@ def run_attacks(
                 for nm, d in zip(names, datas, strict=True)
             }
             honest = [a for k, a in enumerate(acc.values()) if k != ATTACKER and a == a]
+            # the sites that uploaded, in the order of ``uploads`` (an absent attacker sent nothing)
+            senders = names if len(uploads) == len(names) else [nm for k, nm in enumerate(names) if k != ATTACKER]
             flags = {
-                names[k]: {
+                senders[k]: {
                     "checks": sorted({f.check for f in s.findings}),
                     "action": s.action,
                     "used": s.used,
@@ -293,44 +299,59 @@ def run_attacks(
 
 
 def summarize(runs: dict) -> str:
-    """Markdown: per setting and attack, mean over seeds of the honest mean for each defence,
-    its cost against the clean run with the defence off, the server time, and flags."""
+    """Markdown: per setting and attack, the mean over seeds of the honest sites' mean accuracy
+    for each defence and its cost against the clean run with the defence off (and, for the
+    defence on, against the run where the attacker's site is absent), the server's seconds and
+    synthetic images, and who was flagged."""
     by: dict = {}
     for r in runs.values():
         by.setdefault(r["setting"], {}).setdefault(r["attack"], {}).setdefault(r["defence"], []).append(r)
     lines = []
     for setting, attacks in by.items():
         clean = {r["seed"]: r["honest_mean"] for r in attacks.get("none", {}).get("off", [])}
+        absent = {r["seed"]: r["honest_mean"] for r in attacks.get("absent", {}).get("off", [])}
         defences = [d for d in DEFENCES if any(d in v for v in attacks.values())]
         lines += [f"### {setting}", ""]
         head = "| attack | " + " | ".join(f"honest mean, {d} (cost)" for d in defences)
-        head += " | server s (" + ", ".join(defences) + ") | attacker flagged | honest sites flagged | seeds |"
-        lines += [head, "|---" * (2 + len(defences) + 3) + "|"]
+        head += " | on vs absent | server s (" + ", ".join(defences) + ") | images (" + ", ".join(defences) + ")"
+        head += " | attacker flagged | honest sites flagged | seeds |"
+        lines += [head, "|---" * (len(defences) + 7) + "|"]
         for attack, per in attacks.items():
-            cells, secs = [], []
+            cells, secs, imgs = [], [], []
             for d in defences:
                 rs = per.get(d, [])
                 if not rs:
                     cells.append("-")
                     secs.append("-")
+                    imgs.append("-")
                     continue
                 m = statistics.mean(r["honest_mean"] for r in rs)
                 costs = [clean[r["seed"]] - r["honest_mean"] for r in rs if r["seed"] in clean]
                 cost = f" ({statistics.mean(costs):+.3f})" if costs else ""
                 cells.append(f"{m:.3f}{cost}")
                 secs.append(f"{statistics.mean(r['server_seconds'] for r in rs):.0f}")
+                imgs.append(f"{statistics.mean(r['num_synthetic'] for r in rs):.0f}")
+            on_rs = [r for r in per.get("on", []) if r["seed"] in absent]
+            vs_absent = f"{statistics.mean(absent[r['seed']] - r['honest_mean'] for r in on_rs):+.3f}" if on_rs else "-"
             on = [r for d, rs in per.items() if d != "off" for r in rs]
-            att = f"{sum(r['attacker_flagged'] for r in on)}/{len(on)}" if on and attack != "none" else "-"
+            att = (
+                f"{sum(r['attacker_flagged'] for r in on)}/{len(on)}"
+                if on and attack not in ("none", "absent")
+                else "-"
+            )
             wrong = sorted({nm for r in on for nm in r["flagged_honest"]})
             seeds = sorted({r["seed"] for d in per.values() for r in d})
             lines.append(
-                f"| {attack} | " + " | ".join(cells) + f" | {', '.join(secs)} | {att} | "
+                f"| {attack} | "
+                + " | ".join(cells)
+                + f" | {vs_absent} | {', '.join(secs)} | {', '.join(imgs)} | {att} | "
                 f"{', '.join(wrong) if wrong else 'none'} | {','.join(map(str, seeds))} |"
             )
         lines.append("")
     lines.append(
-        "Honest mean: mean accuracy of every site but the attacker (site 0), mean over the seeds; "
-        "cost: the clean run's honest mean with the defence off minus this (positive = accuracy lost)."
+        "Honest mean: mean accuracy of every site but the attacker (site 0), mean over the seeds. Cost: the "
+        "clean run's honest mean with the defence off minus this (positive = accuracy lost). On vs absent: the "
+        "same against the run in which the attacker's site sends nothing (its data lost to the others)."
     )
     return "\n".join(lines)
 
