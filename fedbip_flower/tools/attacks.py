@@ -314,7 +314,7 @@ def summarize(runs: dict) -> str:
         lines += [f"### {setting}", ""]
         head = "| attack | " + " | ".join(f"honest mean, {d} (cost)" for d in defences)
         head += " | on vs absent | server s (" + ", ".join(defences) + ") | images (" + ", ".join(defences) + ")"
-        head += " | attacker flagged | honest sites flagged | seeds |"
+        head += " | attacker acted on | honest sites flagged | seeds |"
         lines += [head, "|---" * (len(defences) + 7) + "|"]
         for attack, per in attacks.items():
             cells, secs, imgs = [], [], []
@@ -334,8 +334,9 @@ def summarize(runs: dict) -> str:
             on_rs = [r for r in per.get("on", []) if r["seed"] in absent]
             vs_absent = f"{statistics.mean(absent[r['seed']] - r['honest_mean'] for r in on_rs):+.3f}" if on_rs else "-"
             on = [r for d, rs in per.items() if d != "off" for r in rs]
-            att = (
-                f"{sum(r['attacker_flagged'] for r in on)}/{len(on)}"
+            # acted on: a finding, or a quota / share note (inflation is handled by the quota)
+            caught = sum(r["attacker"] in r["screening"] for r in on)
+            att = f"{caught}/{len(on)}" if on and attack not in ("none", "absent") else "-"
                 if on and attack not in ("none", "absent")
                 else "-"
             )
@@ -349,7 +350,8 @@ def summarize(runs: dict) -> str:
             )
         lines.append("")
     lines.append(
-        "Honest mean: mean accuracy of every site but the attacker (site 0), mean over the seeds. Cost: the "
+        "Honest mean: mean accuracy of every site but the attacker (site 0), mean over the seeds. Attacker acted "
+        "on: runs (defence not off) with a finding or a quota note on the attacker. Cost: the "
         "clean run's honest mean with the defence off minus this (positive = accuracy lost). On vs absent: the "
         "same against the run in which the attacker's site sends nothing (its data lost to the others)."
     )
