@@ -337,9 +337,6 @@ def summarize(runs: dict) -> str:
             # acted on: a finding, or a quota / share note (inflation is handled by the quota)
             caught = sum(r["attacker"] in r["screening"] for r in on)
             att = f"{caught}/{len(on)}" if on and attack not in ("none", "absent") else "-"
-                if on and attack not in ("none", "absent")
-                else "-"
-            )
             wrong = sorted({nm for r in on for nm in r["flagged_honest"]})
             seeds = sorted({r["seed"] for d in per.values() for r in d})
             lines.append(
