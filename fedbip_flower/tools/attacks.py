@@ -282,6 +282,7 @@ def run_attacks(
                 "flagged_honest": sorted(
                     nm for k, nm in enumerate(names) if k != ATTACKER and nm in flags and flags[nm]["checks"]
                 ),
+                "site_stats": {senders[k]: dict(s.stats) for k, s in built.screening.items()},
                 "attacker_flagged": bool(flags.get(names[ATTACKER], {}).get("checks")),
                 "config": rcfg.to_run_config(),
             }
