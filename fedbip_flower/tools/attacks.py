@@ -347,6 +347,25 @@ def summarize(runs: dict) -> str:
                 f"{', '.join(wrong) if wrong else 'none'} | {','.join(map(str, seeds))} |"
             )
         lines.append("")
+    lines += [
+        "Honest margins: what each check measured on the clean uploads (the runs `none`, defence on), "
+        "the worst site over the seeds; the thresholds are in federation/trust.py.",
+        "",
+    ]
+    lines += ["| setting | seeds | sites | " + " | ".join(STAT_KEYS) + " |", "|---" * (len(STAT_KEYS) + 3) + "|"]
+    for setting, attacks in by.items():
+        rows = [st for r in attacks.get("none", {}).get("on", []) for st in r.get("site_stats", {}).values()]
+        if not rows:
+            continue
+        seeds = sorted({r["seed"] for r in attacks["none"]["on"] if r.get("site_stats")})
+        worst = [
+            f"{(min if k in ('drift-min', 'latent-std-min') else max)(x[k] for x in rows if k in x):.3f}"
+            if any(k in x for x in rows)
+            else "-"
+            for k in STAT_KEYS
+        ]
+        lines.append(f"| {setting} | {','.join(map(str, seeds))} | {len(rows)} | " + " | ".join(worst) + " |")
+    lines.append("")
     lines.append(
         "Honest mean: mean accuracy of every site but the attacker (site 0), mean over the seeds. Attacker acted "
         "on: runs (defence not off) with a finding or a quota note on the attacker. Cost: the "
