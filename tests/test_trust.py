@@ -222,3 +222,38 @@ def test_the_app_reports_the_screening_per_node(fast_run_config, tmp_path, tiny_
     assert res["num_synthetic"] == 45
     print_summary(res)
     assert f"screened: node 100: {replaced} (class-concept-mismatch); 15 of 15 latents used" in capsys.readouterr().out
+
+
+def test_attack_summary_reports_costs_and_flags():
+    def run(seed, attack, defence, honest_mean, flagged=False):
+        screening = {"medical": {"checks": ["class-concept-mismatch"]}} if flagged else {}
+        return {
+            "setting": "shapes-feature",
+            "seed": seed,
+            "attack": attack,
+            "defence": defence,
+            "attacker": "medical",
+            "honest_mean": honest_mean,
+            "server_seconds": 30.0,
+            "num_synthetic": 640,
+            "screening": screening,
+            "flagged_honest": [],
+            "site_stats": {"medical": {"word-distance-ratio": 0.7, "drift": 0.9}} if attack == "none" else {},
+        }
+
+    runs = {
+        str(i): r
+        for i, r in enumerate(
+            [
+                run(0, "none", "off", 0.9),
+                run(0, "none", "on", 0.9),
+                run(0, "absent", "off", 0.8),
+                run(0, "permute-concepts", "off", 0.5),
+                run(0, "permute-concepts", "on", 0.88, flagged=True),
+            ]
+        )
+    }
+    md = attacks.summarize(runs)
+    row = next(line for line in md.splitlines() if line.startswith("| permute-concepts"))
+    assert "0.500 (+0.400)" in row and "0.880 (+0.020)" in row and "-0.080" in row and "| 1/1 |" in row
+    assert "| shapes-feature | 0 | 1 | 0.700 | 0.900 |" in md
