@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
-from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
+import torch
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from fedbip_flower.config import DataConfig
 from fedbip_flower.data import shapes
-from fedbip_flower.data.loading import NodeConfig, _shapes_partition
+from fedbip_flower.data.loading import NodeConfig, _domain_assignment, load_client_data, split_few_shot
 
 
 def test_sample_is_a_pure_function_of_its_key():
@@ -159,18 +161,54 @@ def test_flwr_datasets_partitioners_apply_unchanged():
     assert sum(sizes) == len(ds)
 
 
-@pytest.mark.parametrize("pid", [0, 2])
-def test_client_partition_equals_natural_id_partition(pid):
-    cfg = DataConfig(per_class=3)
+def _reference_client_data(cfg: DataConfig, node: NodeConfig, seed: int):
+    """A site's data as flwr-datasets' partitioners cut it from the whole rendered dataset."""
     domains = cfg.domains.split(",")
-    mine = _shapes_partition(cfg, NodeConfig(pid, 4), seed=0)
-    full = shapes.build_dataset(domains, per_class=3, seed=0, framing=cfg.framing)
-    part = NaturalIdPartitioner(partition_by="domain")
-    part.dataset = full
-    assert part.num_partitions == 4  # builds the id -> domain map
-    nat = part.load_partition({v: k for k, v in part.partition_id_to_natural_id.items()}[domains[pid]])
-    assert mine["label"] == nat["label"] and mine["domain"] == nat["domain"]
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine["image"], nat["image"], strict=False))
+    if cfg.partition_by == "domain":
+        full = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution, cfg.framing)
+        nat = NaturalIdPartitioner(partition_by="domain")
+        nat.dataset = full
+        assert nat.num_partitions == len(domains)  # builds the id -> domain map
+        ids = {v: k for k, v in nat.partition_id_to_natural_id.items()}
+        domain, shard, nshards = _domain_assignment(domains, node)
+        ds = nat.load_partition(ids[domain])
+        if nshards > 1:
+            iid = IidPartitioner(num_partitions=nshards)
+            iid.dataset = ds.shuffle(seed=seed)
+            ds = iid.load_partition(shard)
+    else:
+        full = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution, cfg.framing)
+        part = DirichletPartitioner(
+            num_partitions=node.num_partitions,
+            partition_by="label",
+            alpha=cfg.alpha,
+            min_partition_size=2,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+        part.dataset = full
+        ds = part.load_partition(node.partition_id)
+    return split_few_shot(ds, list(shapes.CLASSES), cfg, seed + 7919 * node.partition_id)
+
+
+@pytest.mark.parametrize(
+    ("partition_by", "pid", "num", "per_class"),
+    [("domain", 0, 4, 3), ("domain", 2, 4, 3), ("domain", 5, 10, 6), ("dirichlet", 3, 6, 4)],
+)
+def test_a_site_renders_only_its_share_and_gets_the_same_data(partition_by, pid, num, per_class, monkeypatch):
+    """A site's data equals what the partitioners cut from the whole rendered dataset (same
+    rows, same pixels, same few-shot split), while it renders only the rows it keeps."""
+    cfg = DataConfig(per_class=per_class, partition_by=partition_by, shots=2, max_test_per_class=2)
+    want = _reference_client_data(cfg, NodeConfig(pid, num), seed=3)
+    calls = []
+    real = shapes.render_sample
+    monkeypatch.setattr(shapes, "render_sample", lambda *a, **k: calls.append(a) or real(*a, **k))
+    got = load_client_data(cfg, NodeConfig(pid, num), seed=3)
+    for f in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert got.domain == want.domain and got.class_names == want.class_names
+    assert len(calls) == len(got.train_labels) + len(got.test_labels)
 
 
 def test_unknown_style_is_a_clear_error():
@@ -199,12 +237,10 @@ def test_close_up_framing_only_enlarges_the_shape_and_reaches_the_sites():
                 areas.append(shapes._render_mask(c, 32, rng, shapes.FRAMINGS[f])[0].sum())
             assert areas[1] > areas[0] * 1.1, (c, i, areas)
     assert DataConfig().framing == "close-up"
-    cfg = DataConfig(per_class=2, framing="close-up")
-    mine = _shapes_partition(cfg, NodeConfig(1, 4), seed=0)
-    want = shapes.build_dataset([mine["domain"][0]], per_class=2, seed=0, framing="close-up")
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine["image"], want["image"], strict=True))
-    assert not np.array_equal(
-        np.asarray(mine["image"][0]), np.asarray(shapes.build_dataset([mine["domain"][0]], 2)["image"][0])
-    )
+    cfg = DataConfig(per_class=2, framing="close-up", shots=1, max_test_per_class=1)
+    mine = load_client_data(cfg, NodeConfig(1, 4), seed=0)
+    assert torch.equal(mine.train_images, _reference_client_data(cfg, NodeConfig(1, 4), seed=0).train_images)
+    standard = load_client_data(dataclasses.replace(cfg, framing="standard"), NodeConfig(1, 4), seed=0)
+    assert not torch.equal(mine.train_images, standard.train_images)
     with pytest.raises(ValueError, match="unknown framing"):
         shapes.render_sample("medical", "star", 0, framing="huge")

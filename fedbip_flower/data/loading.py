@@ -10,7 +10,9 @@ in its node config (``data-dir``) and that folder is all of its data.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,16 +65,17 @@ class ClientData:
 
 def load_client_data(cfg: DataConfig, node: NodeConfig, seed: int) -> ClientData:
     """Load this node's partition and split it into few-shot train and test sets."""
+    render = None
     if node.data_dir:
         ds, names = _load_imagefolder(node.data_dir), None
     elif cfg.dataset == SHAPES_DATASET:
-        ds = _shapes_partition(cfg, node, seed)
-        names = list(shapes.CLASSES)
+        ds, names = _shapes_partition(cfg, node, seed), list(shapes.CLASSES)
+        render = functools.partial(_render_rows, cfg=cfg, seed=seed)
     else:
         ds, names = _federated_partition(cfg, node, seed), None
     if names is None:
         names = class_names_of(ds, cfg.data_dir or node.data_dir)
-    return split_few_shot(ds, names, cfg, seed + 7919 * node.partition_id)
+    return split_few_shot(ds, names, cfg, seed + 7919 * node.partition_id, images=render)
 
 
 def _domain_assignment(domains: list[str], node: NodeConfig) -> tuple[str, int, int]:
@@ -82,17 +85,58 @@ def _domain_assignment(domains: list[str], node: NodeConfig) -> tuple[str, int, 
     return domains[d], sharers.index(node.partition_id), len(sharers)
 
 
+def _shapes_index(styles: list[str], per_class: int):
+    """The rows of ``shapes.build_dataset(styles, per_class, ...)`` without their pixels.
+
+    Columns label (a ``ClassLabel``, as in the rendered dataset), domain, and the sample's
+    key (style id, index); row order is the rendered dataset's. flwr-datasets' partitioners
+    read only the labels, the domains and the row count, so a partition of this index holds
+    exactly the rows that the same partitioner takes from the rendered dataset (a test checks
+    it), and a site renders its own rows only (:func:`_render_rows`).
+    """
+    import datasets
+
+    rows = [(s, c, i) for s in styles for c in range(len(shapes.CLASSES)) for i in range(per_class)]
+    features = datasets.Features(
+        {
+            "label": datasets.ClassLabel(names=list(shapes.CLASSES)),
+            "domain": datasets.Value("string"),
+            "style": datasets.Value("int32"),
+            "index": datasets.Value("int64"),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {
+            "label": [c for _, c, _ in rows],
+            "domain": [s for s, _, _ in rows],
+            "style": [shapes.STYLES.index(s) for s, _, _ in rows],
+            "index": [i for _, _, i in rows],
+        },
+        features=features,
+    )
+
+
+def _render_rows(rows, cfg: DataConfig, seed: int) -> list[np.ndarray]:
+    """The pixels of index rows (:func:`_shapes_index`): each sample rendered from its key."""
+    return [
+        shapes.render_sample(shapes.STYLES[s], shapes.CLASSES[c], i, seed, cfg.resolution, cfg.framing)
+        for s, c, i in zip(rows["style"], rows["label"], rows["index"], strict=True)
+    ]
+
+
 def _shapes_partition(cfg: DataConfig, node: NodeConfig, seed: int):
+    """This node's rows of FedBiP-Shapes as an index (:func:`_shapes_index`): the cost is its
+    own share, whatever the number of partitions."""
     domains = [d.strip() for d in cfg.domains.split(",") if d.strip()]
+    for d in domains:
+        if d not in shapes.STYLES:
+            raise DataError(f"data.domains: unknown style {d!r}; known: {', '.join(shapes.STYLES)}")
     if cfg.partition_by == "domain":
-        # Rendering only this client's domain yields exactly the rows that
-        # NaturalIdPartitioner(partition_by="domain") selects from the full dataset
-        # (each sample is a pure function of its key; a test checks the equality).
+        # Only this client's domain: NaturalIdPartitioner(partition_by="domain") selects the
+        # same rows from the full dataset (a test checks the equality).
         domain, shard, nshards = _domain_assignment(domains, node)
-        ds = shapes.build_dataset([domain], cfg.per_class, seed, cfg.resolution, cfg.framing)
-        return _shard(ds, shard, nshards, seed)
-    ds = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution, cfg.framing)
-    return _dirichlet(ds, cfg, node, seed)
+        return _shard(_shapes_index([domain], cfg.per_class), shard, nshards, seed)
+    return _dirichlet(_shapes_index(domains, cfg.per_class), cfg, node, seed)
 
 
 def _shard(ds, shard: int, nshards: int, seed: int):
@@ -213,8 +257,13 @@ def _to_tensor(images: list, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
-def split_few_shot(ds, class_names: list[str], cfg: DataConfig, seed: int) -> ClientData:
-    """Deterministic per-class split: ``shots`` training images, the rest (capped) for test."""
+def split_few_shot(
+    ds, class_names: list[str], cfg: DataConfig, seed: int, images: Callable[[Any], list] | None = None
+) -> ClientData:
+    """Deterministic per-class split: ``shots`` training images, the rest (capped) for test.
+
+    ``images(rows)`` gives the pixels of selected rows (default: their ``image`` column); only
+    the selected rows are ever decoded or rendered."""
     labels = np.asarray(ds["label"], np.int64)
     if len(labels) == 0:
         raise DataError("this client's partition is empty")
@@ -230,12 +279,11 @@ def split_few_shot(ds, class_names: list[str], cfg: DataConfig, seed: int) -> Cl
     values, counts = np.unique(np.asarray(domains), return_counts=True)
     domain = str(values[np.argmax(counts)])
     train, test = sorted(train_idx), sorted(test_idx)
+    pixels = images or (lambda rows: rows["image"])
     return ClientData(
-        train_images=_to_tensor(ds.select(train)["image"], cfg.resolution),
+        train_images=_to_tensor(pixels(ds.select(train)), cfg.resolution),
         train_labels=torch.from_numpy(labels[train]),
-        test_images=_to_tensor(ds.select(test)["image"], cfg.resolution)
-        if test
-        else torch.zeros(0, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8),
+        test_images=_to_tensor(pixels(ds.select(test)), cfg.resolution),
         test_labels=torch.from_numpy(labels[test]),
         class_names=list(class_names),
         domain=domain,
