@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,11 @@ def _f(default: Any, help: str, choices: tuple | None = None, lo=None, hi=None):
 @dataclass(frozen=True)
 class ModelConfig:
     id: str = _f("bundled", "LDM: 'bundled' (the shipped small LDM), an HF hub id, or a local folder")
-    device: str = _f("auto", "torch device for the server's synthesis and classifier", ("auto", "cpu", "cuda", "mps"))
+    device: str = _f(
+        "auto",
+        "server devices: auto = every visible GPU (else cpu), or one or more of cpu / cuda / cuda:N / mps, "
+        "comma-separated; sites' synthesis is spread over them",
+    )
     dtype: str = _f("auto", "LDM weights dtype: auto = fp16 on CUDA, fp32 on CPU", ("auto", "float32", "float16"))
 
 
@@ -129,6 +134,10 @@ class ClassifierConfig:
     momentum: float = _f(0.9, "SGD momentum", lo=0.0, hi=1.0)
     weight_decay: float = _f(5e-4, "SGD weight decay", lo=0.0)
     augment: bool = _f(True, "random crop + flip augmentation")
+    resolution: int = _f(
+        0, "image side the classifier trains and scores at (images resized); 0 = the synthetic images' side", lo=0
+    )
+    workers: int = _f(0, "DataLoader processes reading the synthetic set from disk (0 = the training process)", lo=0)
 
 
 @dataclass(frozen=True)
@@ -222,7 +231,25 @@ def _build(cls: type, flat: dict[str, Any], prefix: str):
     return obj
 
 
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def device_list(spec: str) -> list[str]:
+    """The items of a ``model.device`` value: ``["auto"]`` or a list of torch device names."""
+    items = [d.strip() for d in spec.split(",")]
+    if items == ["auto"]:
+        return items
+    bad = [d for d in items if not _DEVICE.match(d)]
+    if bad or not items:
+        raise ConfigError(
+            f"config key 'model.device': {spec!r} is not 'auto' or a comma-separated list of "
+            f"cpu / cuda / cuda:N / mps (bad: {bad})"
+        )
+    return items
+
+
 def _check_cross(cfg: FedBiPConfig) -> None:
+    device_list(cfg.model.device)
     t = cfg.client.template
     if t and ("[S]" not in t or "[V]" not in t):
         raise ConfigError(f"config key 'client.template': needs both [S] and [V], got {t!r}")

@@ -103,9 +103,12 @@ def test_client_domains_never_leave_the_run_folder(fast_run_config, tmp_path, mo
     assert by[103]["status"] == "rejected" and "control characters" in by[103]["reason"]
     assert [by[n]["status"] for n in (100, 101, 102)] == ["accepted"] * 3
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert all(p.parent == run_dir.relative_to(tmp_path) for p in files), files
+    inside = run_dir.relative_to(tmp_path)
+    assert all(p.parent in (inside, inside / "synthetic") for p in files), files
     pngs = sorted(p.name for p in run_dir.glob("*.png"))
     assert pngs == ["synthetic_a-b-c_node102.png", "synthetic_client_node101.png", "synthetic_escaped_node100.png"]
+    shards = sorted(p.name for p in (run_dir / "synthetic").iterdir())
+    assert shards == ["0000_escaped.safetensors", "0001_a-b-c.safetensors", "0002_client.safetensors"], shards
     assert "\x00" not in log
 
 
@@ -129,16 +132,16 @@ def test_class_names_that_differ_from_the_majority_reject_one_node(fast_run_conf
 
 
 def test_a_synthesis_failure_rejects_only_that_node(fast_run_config, tmp_path, model, monkeypatch):
-    from fedbip_flower.federation import strategy as strategy_module
+    from fedbip_flower.federation import server_pipeline
 
-    real = strategy_module.synthesize_client
+    real = server_pipeline.synthesize_client
 
     def flaky(components, payload, *args, **kwargs):
         if payload.domain == "thermal":
             raise RuntimeError("out of memory")
         return real(components, payload, *args, **kwargs)
 
-    monkeypatch.setattr(strategy_module, "synthesize_client", flaky)
+    monkeypatch.setattr(server_pipeline, "synthesize_client", flaky)
     res, log, _ = _run(tmp_path, fast_run_config, _honest(model, 100, 101, 102))  # 102 is 'thermal'
     c = _by_node(res)[102]
     assert res["status"] == "completed" and res["num_synthetic"] == 12
@@ -149,10 +152,10 @@ def test_a_synthesis_failure_rejects_only_that_node(fast_run_config, tmp_path, m
 def test_too_few_uploads_left_after_synthesis_stop_the_run_naming_the_nodes(
     fast_run_config, tmp_path, model, monkeypatch
 ):
-    from fedbip_flower.federation import strategy as strategy_module
+    from fedbip_flower.federation import server_pipeline
     from fedbip_flower.federation.strategy import FedBiPError
 
-    monkeypatch.setattr(strategy_module, "synthesize_client", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(server_pipeline, "synthesize_client", lambda *a, **k: 1 / 0)
     with pytest.raises(FedBiPError, match="only 0 good upload.*left after synthesis.*node 100: synthesis"):
         _run(tmp_path, fast_run_config, _honest(model, 100, 101))
 

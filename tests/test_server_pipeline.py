@@ -58,7 +58,7 @@ def test_without_reject_a_failing_upload_raises_naming_its_key(fast_run_config, 
     cfg = FedBiPConfig.from_run_config(fast_run_config)
     uploads = {k: fuzz.honest_payload(model, seed=k, domain=d) for k, d in ((0, "medical"), (1, "thermal"))}
 
-    def synth(key, payload, seed):
+    def synth(key, payload, seed, worker):
         if key == 1:
             raise RuntimeError("out of memory")
         return server_pipeline.synthesize_upload(tiny_components, payload, cfg, seed)

@@ -166,7 +166,7 @@ def test_a_100k_latent_upload_costs_no_more_than_an_honest_one(tiny_components, 
     ups = {0: big, 1: honest[1], 2: honest[2]}
     calls = []
 
-    def synth(key, payload, seed):
+    def synth(key, payload, seed, worker):
         calls.append(len(payload.labels))
         return server_pipeline.synthesize_upload(tiny_components, payload, cfg, seed)
 

@@ -33,7 +33,8 @@ from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.data.shapes import image_grid
 from fedbip_flower.federation.payload import safe_filename, safe_text
 from fedbip_flower.federation.strategy import FedBiPStrategy
-from fedbip_flower.models.ldm import load_components
+from fedbip_flower.federation.synthetic_set import SUBDIR as SYNTHETIC_SUBDIR
+from fedbip_flower.models.ldm import load_server_components
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def results_dict(
         ],
         "rejected_mean_accuracy": scores["rejected_mean"],
         "clients": clients,
-        "num_synthetic": int(sum(len(v[1]) for v in strategy.synthetic.values())),
+        "num_synthetic": int(sum(len(v) for v in strategy.synthetic.values())),
+        "synthetic_dir": str(strategy.synthetic_dir or ""),
         "classifier_path": "",
         "timings_s": {k: round(v, 2) for k, v in strategy.timings.items()},
         "config": cfg.to_run_config(),
@@ -126,7 +128,7 @@ def unscored_explanation(strategy: FedBiPStrategy, classifier_path: Path | None)
     why = "; ".join(f"node {r.node_id} ({r.domain or '?'}): {r.evaluation}" for r in accepted)
     where = f"it is saved at {classifier_path}" if classifier_path else "it could not be saved"
     text = (
-        f"a classifier was trained on {sum(len(v[1]) for v in strategy.synthetic.values())} synthetic "
+        f"a classifier was trained on {sum(len(v) for v in strategy.synthetic.values())} synthetic "
         f"images ({where}), but no accepted site could score it: {why}."
     )
     if any(r.evaluation == "no test images" for r in accepted):
@@ -152,8 +154,10 @@ def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress
     log.info("FedBiP run %s: outputs in %s", run_id, run_dir)
     strategy = None
     try:
-        comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
-        strategy = FedBiPStrategy(cfg, comps, progress=progress)
+        workers = load_server_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
+        strategy = FedBiPStrategy(
+            cfg, workers[0], progress=progress, workers=workers, synthetic_dir=run_dir / SYNTHETIC_SUBDIR
+        )
         record = ConfigRecord(cfg.to_run_config())
         strategy.start(
             grid=grid,
@@ -219,10 +223,10 @@ def _write_artifacts(strategy: FedBiPStrategy, run_dir: Path) -> Path | None:
 
     from fedbip_flower.models.classifier import state_to_cpu
 
-    for nid, (x, y) in strategy.synthetic.items():
+    for nid, shard in strategy.synthetic.items():
         name = safe_filename(strategy.clients[nid].domain)
         try:
-            _grid_png(x, y, _inside(run_dir, f"synthetic_{name}_node{int(nid)}.png"))
+            _grid_png(*shard.load(), _inside(run_dir, f"synthetic_{name}_node{int(nid)}.png"))
         except Exception as err:  # noqa: BLE001 - a picture is not worth the run
             log.warning("node %s: no synthetic image grid (%s: %s)", nid, type(err).__name__, safe_text(str(err)))
     if strategy.classifier is None:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -34,6 +36,7 @@ import torch
 
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.federation.payload import ClientPayload, safe_text
+from fedbip_flower.federation.synthetic_set import Shard, SyntheticSet, SyntheticStore
 from fedbip_flower.federation.trust import Screening, screen_uploads
 from fedbip_flower.method.synthesize import synthesize_client
 from fedbip_flower.models.classifier import train_classifier
@@ -53,14 +56,22 @@ class GlobalModel:
     """What :func:`build_global_model` returns."""
 
     classifier: torch.nn.Module  # eval mode, on CPU
-    images: torch.Tensor  # the synthetic training set, in client order
-    labels: torch.Tensor
+    dataset: SyntheticSet  # the synthetic training set, in client order (read lazily from its store)
     order: list  # keys of the clients in the training set, in client order
-    synthetic: dict  # key -> (images, labels) of each client in ``order``
+    synthetic: dict  # key -> Shard (its images, in memory or in a file) of each client in ``order``
     rejected: dict = field(default_factory=dict)  # key -> why its upload was dropped
     screening: dict[Hashable, Screening] = field(default_factory=dict)  # key -> quota, findings, action
     stats: dict[str, float] = field(default_factory=dict)  # the classifier's training stats
     timings: dict[str, float] = field(default_factory=dict)  # seconds: synthesis, classifier
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.dataset.labels
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The whole synthetic set in memory (tests and small benchmarks)."""
+        return self.dataset.tensors()[0]
 
 
 def upload_digest(payload: ClientPayload) -> str:
@@ -129,24 +140,31 @@ def build_global_model(
     *,
     progress: bool = False,
     reject: Callable[[K, str], None] | None = None,
-    before_training: Callable[[dict[K, Synthetic]], None] | None = None,
-    synthesize: Callable[[K, ClientPayload, int], Synthetic] | None = None,
+    before_training: Callable[[dict[K, Shard]], None] | None = None,
+    synthesize: Callable[[K, ClientPayload, int, LDMComponents], Synthetic] | None = None,
     describe: Callable[[K], str] = lambda key: f"upload {key}",
+    workers: Sequence[LDMComponents] | None = None,
+    store: SyntheticStore | None = None,
 ) -> GlobalModel:
     """Validated uploads (any hashable key each, e.g. a node id) -> synthetic set -> classifier.
 
     Steps: screen the uploads (:func:`~fedbip_flower.federation.trust.screen_uploads`: per-site
     quota, ``server.defence``, balanced shares; ``describe(key)`` names a client in its log
-    lines); synthesize what is kept of each upload in client order with its seed; drop clients whose images
-    have another shape than the majority's (one training set needs one image shape); call
-    ``before_training(synthetic)`` (the kept clients' images, in order; it may raise to stop,
-    e.g. for too few clients); train the classifier on the concatenation.
+    lines); synthesize what is kept of each upload with its seed, spread over ``workers``
+    (the LDM on each server device; default: ``components`` alone), each site's images put
+    in ``store`` as soon as they are made (default: memory; the app's store writes files in
+    the run folder); drop clients whose images have another shape than the majority's (one
+    training set needs one image shape); call ``before_training(shards)`` (the kept clients'
+    shards, in order; it may raise to stop, e.g. for too few clients); train the classifier
+    from the store, batch by batch.
 
-    ``reject(key, reason)`` is called for a client dropped on the way (its synthesis failed,
-    or its image shape differs); without it such a client raises :class:`PipelineError`.
-    ``synthesize(key, payload, seed)`` makes one client's images from the kept part of its
-    upload (default: :func:`synthesize_upload`). All uploads must share one class list (the app's intake keeps the
-    majority's).
+    A site's seed is its position in the client order, whichever worker makes its images, so
+    the set is the same on one device or several. ``reject(key, reason)`` is called for a
+    client dropped on the way (its synthesis failed, or its image shape differs); without it
+    such a client raises :class:`PipelineError`. ``synthesize(key, payload, seed, worker)``
+    makes one client's images from the kept part of its upload (default:
+    :func:`synthesize_upload` on that worker). All uploads must share one class list (the
+    app's intake keeps the majority's).
     """
     if not uploads:
         raise PipelineError("no uploads to build a model from")
@@ -155,6 +173,8 @@ def build_global_model(
         raise PipelineError(f"the uploads disagree on the class list ({len(names)} different lists)")
     num_classes = len(next(iter(names)))
     rejected: dict[K, str] = {}
+    workers = list(workers or [components])
+    store = store if store is not None else SyntheticStore()
 
     def drop(key: K, reason: str) -> None:
         if reject is None:
@@ -164,50 +184,65 @@ def build_global_model(
 
     if synthesize is None:
 
-        def synthesize(key: K, payload: ClientPayload, seed: int) -> Synthetic:
-            return synthesize_upload(components, payload, cfg, seed, progress)
+        def synthesize(key: K, payload: ClientPayload, seed: int, worker: LDMComponents) -> Synthetic:
+            return synthesize_upload(worker, payload, cfg, seed, progress and len(workers) == 1)
 
     t0 = time.time()
     order = client_order(uploads)
     screened = screen_uploads(components, uploads, order, cfg, describe)
-    synthetic: dict[K, Synthetic] = {}
-    for k, key in enumerate(order):
-        if key not in screened.uploads:
-            continue  # nothing of this upload is used (see its screening)
+    jobs = [(k, key) for k, key in enumerate(order) if key in screened.uploads]  # the rest: see its screening
+    free: queue.SimpleQueue[LDMComponents] = queue.SimpleQueue()
+    for w in workers:
+        free.put(w)
+
+    def job(k: int, key: K):
+        worker = free.get()
         t_site = time.time()
         try:
-            synthetic[key] = synthesize(key, screened.uploads[key], synthesis_seed(cfg.seed, k))
-        except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
-            drop(key, f"synthesis from its upload failed: {type(err).__name__}: {err}")
-            continue
-        # the server's work for this site, reported with its screening
-        screened.screening[key].synthetic = len(synthetic[key][1])
-        screened.screening[key].synthesis_seconds = round(time.time() - t_site, 2)
-    shapes = {key: tuple(x.shape[1:]) for key, (x, _) in synthetic.items()}
+            x, y = synthesize(key, screened.uploads[key], synthesis_seed(cfg.seed, k), worker)
+            shard = store.put(key, k, screened.uploads[key].domain, x, y)
+            return shard, time.time() - t_site
+        finally:
+            free.put(worker)
+
+    shards: dict[K, Shard] = {}
+    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="synthesis") as pool:
+        futures = {key: pool.submit(job, k, key) for k, key in jobs}
+        for n, (_, key) in enumerate(jobs, 1):
+            try:
+                shard, seconds = futures[key].result()
+            except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
+                drop(key, f"synthesis from its upload failed: {type(err).__name__}: {err}")
+                continue
+            shards[key] = shard
+            # the server's work for this site, reported with its screening
+            screened.screening[key].synthetic = len(shard)
+            screened.screening[key].synthesis_seconds = round(seconds, 2)
+            log.info("synthesis %d/%d: %d images for %s in %.1f s", n, len(jobs), len(shard), describe(key), seconds)
+    shapes = {key: shard.shape for key, shard in shards.items()}
     if shapes:
         common, _ = Counter(shapes.values()).most_common(1)[0]
         for key, shape in shapes.items():
             if shape != common:
-                del synthetic[key]
+                del shards[key]
+                store.drop(key)
                 drop(key, f"its upload synthesizes images of shape {shape}, the others' are {common}")
     timings = {"synthesis": time.time() - t0}
     if before_training is not None:
-        before_training(dict(synthetic))
-    if not synthetic:
+        before_training(dict(shards))
+    if not shards:
         raise PipelineError("no upload was left to train on after synthesis")
-    kept = list(synthetic)
-    x = torch.cat([synthetic[key][0] for key in kept])
-    y = torch.cat([synthetic[key][1] for key in kept])
-    log.debug("synthesized %d images from %d upload(s) in %.1f s", len(x), len(kept), timings["synthesis"])
+    kept = list(shards)
+    data = store.dataset(kept)
+    log.info("synthesized %d images from %d upload(s) in %.1f s", len(data), len(kept), timings["synthesis"])
     t0 = time.time()
-    classifier, stats = train_classifier(x, y, num_classes, cfg.classifier, cfg.seed, components.device, progress)
+    classifier, stats = train_classifier(data, None, num_classes, cfg.classifier, cfg.seed, components.device, progress)
     timings["classifier"] = time.time() - t0
     return GlobalModel(
         classifier=classifier,
-        images=x,
-        labels=y,
+        dataset=data,
         order=kept,
-        synthetic=synthetic,
+        synthetic=shards,
         rejected=rejected,
         screening=screened.screening,
         stats=stats,

@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -50,8 +51,8 @@ from fedbip_flower.federation.payload import (
     safe_text,
     validate_reply,
 )
-from fedbip_flower.federation.server_pipeline import build_global_model
-from fedbip_flower.method.synthesize import synthesize_client
+from fedbip_flower.federation.server_pipeline import build_global_model, synthesize_upload
+from fedbip_flower.federation.synthetic_set import Shard, SyntheticStore
 from fedbip_flower.models.classifier import state_to_cpu
 from fedbip_flower.models.ldm import LDMComponents
 
@@ -95,14 +96,26 @@ def expected_for(components: LDMComponents, cfg: FedBiPConfig) -> Expected:
 class FedBiPStrategy(Strategy):
     """One-shot FedBiP: collect, validate, synthesize, train; then evaluate on clients."""
 
-    def __init__(self, cfg: FedBiPConfig, components: LDMComponents, progress: bool = True):
+    def __init__(
+        self,
+        cfg: FedBiPConfig,
+        components: LDMComponents,
+        progress: bool = True,
+        workers: list[LDMComponents] | None = None,
+        synthetic_dir: Path | None = None,
+    ):
+        """``workers``: the LDM on each server device (default: ``components``); sites'
+        synthesis is spread over them. ``synthetic_dir``: where the synthetic set is written
+        site by site (default: kept in memory)."""
         self.cfg = cfg
         self.components = components
+        self.workers = workers or [components]
+        self.synthetic_dir = synthetic_dir
         self.progress = progress
         self.expected = expected_for(components, cfg)
         self.clients: dict[int, ClientRecord] = {}
         self.accepted: dict[int, ClientPayload] = {}
-        self.synthetic: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.synthetic: dict[int, Shard] = {}
         self.classifier: torch.nn.Module | None = None
         self.class_names: list[str] = []
         self.timings: dict[str, float] = {}
@@ -220,31 +233,19 @@ class FedBiPStrategy(Strategy):
             reasons = "; ".join(f"node {r.node_id}: {r.reason}" for r in self.clients.values() if r.reason)
             raise FedBiPError(f"only {good} good upload(s){stage}, min-clients is {self.cfg.min_clients}. {reasons}")
 
-    def _synthesize_images(
-        self, nid: int, payload: ClientPayload | None, seed: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Node ``nid``'s synthetic images and labels from ``payload`` (default: its whole
-        accepted upload); raises if the upload cannot make them."""
-        p = self.accepted[nid] if payload is None else payload
-        return synthesize_client(
-            self.components,
-            p,
-            self.cfg.server,
-            seed=seed,
-            progress=self.progress,
-            desc=f"synthesis {safe_text(p.domain, 40)}",
-        )
-
     def synthesize(self, nid: int, seed: int) -> bool:
-        """Synthesize node ``nid``'s images; a failure rejects that node only (returns False)."""
+        """Synthesize node ``nid``'s whole accepted upload on its own (into memory); a failure
+        rejects that node only (returns False). The run itself synthesizes through
+        :func:`~fedbip_flower.federation.server_pipeline.build_global_model`."""
         try:
-            self.synthetic[nid] = self._synthesize_images(nid, None, seed)
+            x, y = synthesize_upload(self.components, self.accepted[nid], self.cfg, seed, self.progress)
+            self.synthetic[nid] = SyntheticStore().put(nid, 0, self.accepted[nid].domain, x, y)
         except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
             self._reject(nid, f"synthesis from its upload failed: {type(err).__name__}: {err}")
             return False
         return True
 
-    def _before_training(self, synthetic: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _before_training(self, synthetic: dict[int, Shard]) -> None:
         self.timings["synthesis"] = time.time() - self._t_synthesis
         self.synthetic = synthetic
         self._require_min_clients(" left after synthesis")
@@ -268,16 +269,17 @@ class FedBiPStrategy(Strategy):
             progress=self.progress,
             reject=self._reject,
             before_training=self._before_training,
-            synthesize=self._synthesize_images,
             describe=lambda nid: f"node {nid} ({safe_text(self.accepted[nid].domain, 40)})",
+            workers=self.workers,
+            store=SyntheticStore(self.synthetic_dir),
         )
         for nid, screen in built.screening.items():
             if nid in self.clients:
                 self.clients[nid].screening = screen.to_dict()
-        log.info("synthesized %d images in %.1f s", len(built.images), self.timings["synthesis"])
+        log.info("synthesized %d images in %.1f s", len(built.labels), self.timings["synthesis"])
         self.timings["classifier"] = built.timings["classifier"]
         self.classifier = built.classifier
-        metrics = MetricRecord({"num-synthetic": len(built.images), "num-accepted": len(built.order), **built.stats})
+        metrics = MetricRecord({"num-synthetic": len(built.labels), "num-accepted": len(built.order), **built.stats})
         return ArrayRecord(state_to_cpu(self.classifier)), metrics
 
     # ------------------------------------------------------------------ evaluate

@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def build_pipeline(components: LDMComponents) -> FedBiPSynthesisPipeline:
-    pipe = FedBiPSynthesisPipeline(vae=components.vae, unet=components.unet, scheduler=components.scheduler)
+    """A pipeline over the shared frozen modules with its own scheduler: the scheduler holds
+    the timestep state, so pipelines running at once (one per synthesis worker) each need one."""
+    scheduler = type(components.scheduler).from_config(components.scheduler.config)
+    pipe = FedBiPSynthesisPipeline(vae=components.vae, unet=components.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

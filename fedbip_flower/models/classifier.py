@@ -68,11 +68,46 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int) -> torch.nn.Module
     if cfg.stem == "cifar":
         model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         model.maxpool = torch.nn.Identity()
+    model.input_resolution = int(cfg.resolution)  # 0 = the images' own side (see prepare_batch)
     return use_centre_tap(model)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
+
+
+def _resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Float images to ``resolution`` px (antialiased bilinear); 0 or the same side = as is."""
+    if not resolution or x.shape[-2:] == (resolution, resolution):
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+
+
+def prepare_batch(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> the classifier's input: [-1, 1], at its ``input_resolution`` if set."""
+    return _resize(_normalize(images), getattr(model, "input_resolution", 0))
+
+
+class TensorRows(torch.utils.data.Dataset):
+    """In-memory images and labels as a dataset with the batch interface of a synthetic set."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, rows):
+        idx = torch.as_tensor(rows, dtype=torch.int64)
+        return self.images[idx], self.labels[idx]
+
+
+def _whole_batch(batch):
+    """Collate for datasets whose ``__getitems__`` already returns the batch."""
+    return batch
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -106,8 +141,8 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def train_classifier(
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    images: torch.Tensor | torch.utils.data.Dataset,
+    labels: torch.Tensor | None,
     num_classes: int,
     cfg: ClassifierConfig,
     seed: int,
@@ -117,47 +152,55 @@ def train_classifier(
 ) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train on uint8 images (N, 3, H, W); returns the model (eval mode, CPU) and stats.
 
+    ``images`` is a tensor (with ``labels``) or a map-style dataset with a ``labels`` tensor
+    whose ``__getitems__(rows)`` returns a batch ``(uint8 images, labels)`` (e.g. the server's
+    :class:`~fedbip_flower.federation.synthetic_set.SyntheticSet`, read from disk batch by
+    batch): batches come through a torch ``DataLoader`` (``cfg.workers`` reader processes), so
+    memory holds a few batches, never the set. Batches, augmentation and steps depend only on
+    ``seed`` and the set's size: a tensor and a dataset of the same images train the same model.
     ``model`` replaces the configured ResNet-18 (the LDM report's judge uses a small CNN).
     """
-    if len(images) == 0:
+    data = TensorRows(images, labels) if isinstance(images, torch.Tensor) else images
+    all_labels = data.labels
+    n = len(all_labels)
+    if n == 0:
         raise ValueError("no training images for the classifier")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = (model if model is not None else build_classifier(cfg, num_classes)).to(device)
     # The optimizer is built after the model is final, so the new head is trained too.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    bounds = batch_bounds(len(images), cfg.batch_size)
+    bounds = batch_bounds(n, cfg.batch_size)
     steps_per_epoch = max(1, sum(j - i >= 2 for i, j in bounds))
     # A step budget (cfg.steps) trains every set for the same number of SGD steps: whole
     # epochs while they fit, then the first batches of one more shuffled epoch.
     total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
     epochs = -(-total_steps // steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15)
-    x_all = _normalize(images)
     first = last = float("nan")
     done = 0
     bar = tqdm(range(epochs), desc="classifier", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(images), generator=gen)
+        perm = torch.randperm(n, generator=gen)
+        # BatchNorm needs more than one sample per batch (a one-image training set).
+        batches = [perm[i:j].tolist() for i, j in bounds if j - i >= 2][: total_steps - done]
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=batches, collate_fn=_whole_batch, num_workers=cfg.workers
+        )
         total, count = 0.0, 0
-        for i, j in bounds:
-            idx = perm[i:j]
-            if len(idx) < 2:  # BatchNorm needs more than one sample (a one-image training set)
-                continue
-            if done == total_steps:
-                break
-            x = x_all[idx]
+        for x, y in loader:
+            x = prepare_batch(model, x)
             if cfg.augment:
                 x = _augment(x, gen)
-            loss = F.cross_entropy(model(x.to(device)), labels[idx].to(device))
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             done += 1
-            total += loss.item() * len(idx)
-            count += len(idx)
+            total += loss.item() * len(y)
+            count += len(y)
         avg = total / max(1, count)
         first = avg if epoch == 0 else first
         last = avg
@@ -180,7 +223,7 @@ def evaluate(
     model = model.to(device).eval()
     correct = 0
     for i in range(0, len(images), batch):
-        pred = model(_normalize(images[i : i + batch]).to(device)).argmax(1).cpu()
+        pred = model(prepare_batch(model, images[i : i + batch]).to(device)).argmax(1).cpu()
         correct += int((pred == labels[i : i + batch]).sum())
     return correct / len(images)
 

@@ -94,9 +94,25 @@ def pick_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' requested but CUDA is not available")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {name!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
+
+
+def pick_devices(spec: str) -> list[torch.device]:
+    """The devices of a ``model.device`` value: ``auto`` = every visible GPU (else the CPU),
+    or a comma-separated list (a device may repeat: two workers sharing it)."""
+    from fedbip_flower.config import device_list
+
+    items = device_list(spec)
+    if items == ["auto"]:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [torch.device(f"cuda:{i}") for i in range(n)] or [torch.device("cpu")]
+    return [pick_device(d) for d in items]
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -117,7 +133,7 @@ def fingerprint(text_encoder, vae, unet) -> str:
     return h.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)
 def _load(source: str, device: str, dtype_name: str) -> LDMComponents:
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -160,3 +176,9 @@ def load_components(model_id: str, device: str = "auto", dtype: str = "auto") ->
     dt = pick_dtype(dtype, dev)
     log.info("loading LDM %s on %s (%s)", source, dev, dt)
     return _load(source, str(dev), str(dt).replace("torch.", ""))
+
+
+def load_server_components(model_id: str, device: str = "auto", dtype: str = "auto") -> list[LDMComponents]:
+    """The LDM once per server device (:func:`pick_devices`); the first is the main one
+    (screening, classifier), all of them synthesize. A repeated device shares one copy."""
+    return [load_components(model_id, str(d), dtype) for d in pick_devices(device)]

@@ -42,7 +42,7 @@ from fedbip_flower.federation.payload import ClientPayload
 from fedbip_flower.federation.trust import _word_anchors
 from fedbip_flower.method.personalize import first_inference_timestep, personalize
 from fedbip_flower.models.classifier import evaluate
-from fedbip_flower.models.ldm import load_components
+from fedbip_flower.models.ldm import load_server_components
 
 log = logging.getLogger(__name__)
 ATTACKER = 0  # the partition that attacks
@@ -177,7 +177,7 @@ STAT_KEYS = (
 def honest_uploads(setting: str, seed: int, extra: dict) -> tuple[Context, list[ClientPayload], list[str]]:
     """Every site of (setting, seed) personalized as the benchmark's clients are."""
     cfg = FedBiPConfig.from_run_config({**load_experiment(setting), **extra, "seed": seed})
-    comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
+    comps = load_server_components(cfg.model.id, cfg.model.device, cfg.model.dtype)[0]
     t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
     n = cfg.min_clients
     datas = [load_client_data(cfg.data, NodeConfig(k, n), seed) for k in range(n)]

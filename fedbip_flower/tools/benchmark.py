@@ -40,7 +40,7 @@ from fedbip_flower.federation.strategy import expected_for
 from fedbip_flower.method.personalize import encode_images, first_inference_timestep, personalize
 from fedbip_flower.method.synthesize import synthesize_client, synthesize_from_prompts
 from fedbip_flower.models.classifier import build_classifier, evaluate, state_to_cpu, train_classifier
-from fedbip_flower.models.ldm import load_components
+from fedbip_flower.models.ldm import load_server_components
 
 log = logging.getLogger(__name__)
 # Settings are experiment presets (fedbip_flower/experiments/*.toml, TOML run-config files);
@@ -214,7 +214,7 @@ def run_setting(
     n = cfg.min_clients
     if cfg.data.dataset == "imagefolder" and not cfg.data.data_dir:
         raise ConfigError(f"{setting}: give the image folder with --run-config \"data.data-dir='DIR'\"")
-    comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
+    comps = load_server_components(cfg.model.id, cfg.model.device, cfg.model.dtype)[0]
     t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
     datas = [load_client_data(cfg.data, NodeConfig(k, n), seed) for k in range(n)]
     num_classes = len(datas[0].class_names)
@@ -485,7 +485,7 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
     from diffusers import StableDiffusionPipeline
 
     cfg = FedBiPConfig.from_run_config({**extra, "client.batch-size": batch, "client.steps": repeats})
-    comps = load_components(cfg.model.id, cfg.model.device, cfg.model.dtype)
+    comps = load_server_components(cfg.model.id, cfg.model.device, cfg.model.dtype)[0]
     data = load_client_data(cfg.data, NodeConfig(0, 4), 0)
     z0 = encode_images(comps, data.train_images[:batch])
     # One UNet forward+backward with a gradient into the conditioning, as the client needs.

@@ -589,7 +589,7 @@ def try_upload(strategy, nid: int, content: RecordDict | Error, seed: int) -> tu
             return "crashed", f"synthesis: {type(err).__name__}: {err}"
         if not ok:
             return "synth-failed", strategy.clients[nid].reason
-        x, y = strategy.synthetic[nid]
+        x, y = strategy.synthetic[nid].load()
         if x.dtype != torch.uint8 or len(x) != len(y) or len(y) == 0:
             return "synth-failed", f"synthesis returned {tuple(x.shape)} images for {len(y)} labels"
         return "accepted", ""
