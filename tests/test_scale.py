@@ -139,3 +139,29 @@ def test_device_list():
     for bad in ("gpu", "cuda:x", "cpu,,cpu", ""):
         with pytest.raises(ConfigError, match="model.device"):
             FedBiPConfig.from_run_config({"model.device": bad})
+
+
+def test_scale_command_on_a_tiny_federation(tiny_model, tmp_path, monkeypatch):
+    """The scale benchmark runs the three phases per size in their own processes, resumes,
+    and reports per-site work that does not grow with the number of sites."""
+    import json
+    import subprocess
+
+    from fedbip_flower.tools import benchmark
+
+    out = tmp_path / "scale"
+    args = ["scale", "--smoke", "--sites", "1,5", "--out", str(out), "--threads", "1"]
+    benchmark.main([*args, "--run-config", f'model.id="{tiny_model}"'])
+    rows = json.loads((out / "scale.json").read_text())["rows"]
+    assert [r["sites"] for r in rows] == [1, 5]
+    # 2 shots x 10 classes per site, one image per latent: linear in the sites
+    assert [r["num_synthetic"] for r in rows] == [20, 100]
+    assert rows[0]["upload_kb_mean"] == rows[1]["upload_kb_mean"]
+    assert all(0.0 <= r["mean_accuracy"] <= 1.0 and r["server_peak_rss_mb"] > 0 for r in rows)
+    assert len(list((out / "sites-0005" / "synthetic").glob("*.safetensors"))) == 5
+    assert "| 5 |" in (out / "scale.md").read_text()
+    # resumed: every phase's result is there, nothing runs again
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a))
+    benchmark.main([*args, "--resume", "--run-config", f'model.id="{tiny_model}"'])
+    assert calls == [] and json.loads((out / "scale.json").read_text())["rows"] == rows

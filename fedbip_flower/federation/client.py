@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -74,11 +75,15 @@ def personalize_site(cfg: FedBiPConfig, node_config: dict[str, Any], progress: b
     """Load this site's data, check it splits into training and test images, run bi-level
     personalization: the site's upload, as a payload."""
     node = NodeConfig.from_node_config(node_config)
+    t0 = time.perf_counter()
     data = load_client_data(cfg.data, node, cfg.seed)
+    data_seconds = time.perf_counter() - t0
     check_site_data(data, cfg, node)
     comps = load_components(cfg.model.id, cfg.client.device, cfg.model.dtype)
     t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
-    return personalize(comps, data, cfg.client, template_for(cfg), t, client_seed(cfg, node), progress)
+    payload = personalize(comps, data, cfg.client, template_for(cfg), t, client_seed(cfg, node), progress)
+    payload.metrics["data-seconds"] = data_seconds
+    return payload
 
 
 def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any], progress: bool = True) -> RecordDict:

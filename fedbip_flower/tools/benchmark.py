@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -560,7 +561,7 @@ def speed(extra: dict, batch: int = 32, repeats: int = 5, images: int = 64) -> d
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("accuracy", "speed", "merge", "attacks"))
+    p.add_argument("mode", choices=("accuracy", "speed", "merge", "attacks", "scale"))
     p.add_argument("inputs", nargs="*", type=Path, help="merge: benchmark(.partial).json files of separate runs")
     p.add_argument(
         "--settings", default="shapes-feature", help=f"comma list of {', '.join(SETTINGS)} (or TOML run-config files)"
@@ -585,6 +586,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attacks", default="", help="attacks: comma list of attacks (default: all; see tools/attacks.py)")
     p.add_argument("--defences", default="off,on", help="attacks: comma list of off, on, down-weight, report")
     p.add_argument("--screen-only", action="store_true", help="attacks: only what the checks measure on clean uploads")
+    p.add_argument("--sites", default="4,16,50,100", help="scale: comma list of federation sizes")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="scale: OMP threads per phase process")
+    p.add_argument("--figure", action="store_true", help="scale: draw OUT/scale.png (needs matplotlib)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--batch", type=int, default=32, help="speed: client batch size")
     p.add_argument("--images", type=int, default=64, help="speed: images to synthesize")
@@ -593,8 +597,16 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.common.config import parse_config_args
 
     extra = dict(parse_config_args([a.run_config])) if a.run_config else {}
-    extra = {**load_experiment("smoke" if a.smoke else "benchmark"), **extra}
+    preset = "smoke" if a.smoke else "scale" if a.mode == "scale" else "benchmark"
+    extra = {**load_experiment(preset), **extra}
+    if a.mode == "scale" and a.out == Path("outputs/benchmark"):
+        a.out = Path("outputs/scale")
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.mode == "scale":
+        from fedbip_flower.tools import scale
+
+        scale.main(a, extra)
+        return
     if a.mode == "attacks":
         from fedbip_flower.tools import attacks
 
