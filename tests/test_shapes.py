@@ -8,11 +8,18 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
 
 from fedbip_flower.config import DataConfig
 from fedbip_flower.data import shapes
-from fedbip_flower.data.loading import NodeConfig, _domain_assignment, load_client_data, split_few_shot
+from fedbip_flower.data.loading import (
+    NodeConfig,
+    _dirichlet,
+    _domain_assignment,
+    _shard,
+    load_client_data,
+    split_few_shot,
+)
 
 
 def test_sample_is_a_pure_function_of_its_key():
@@ -162,33 +169,18 @@ def test_flwr_datasets_partitioners_apply_unchanged():
 
 
 def _reference_client_data(cfg: DataConfig, node: NodeConfig, seed: int):
-    """A site's data as flwr-datasets' partitioners cut it from the whole rendered dataset."""
+    """A site's data as the same partitioners cut it from the whole rendered dataset."""
     domains = cfg.domains.split(",")
+    full = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution, cfg.framing)
     if cfg.partition_by == "domain":
-        full = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution, cfg.framing)
         nat = NaturalIdPartitioner(partition_by="domain")
         nat.dataset = full
         assert nat.num_partitions == len(domains)  # builds the id -> domain map
         ids = {v: k for k, v in nat.partition_id_to_natural_id.items()}
         domain, shard, nshards = _domain_assignment(domains, node)
-        ds = nat.load_partition(ids[domain])
-        if nshards > 1:
-            iid = IidPartitioner(num_partitions=nshards)
-            iid.dataset = ds.shuffle(seed=seed)
-            ds = iid.load_partition(shard)
+        ds = _shard(nat.load_partition(ids[domain]), shard, nshards, seed)
     else:
-        full = shapes.build_dataset(domains, cfg.per_class, seed, cfg.resolution, cfg.framing)
-        part = DirichletPartitioner(
-            num_partitions=node.num_partitions,
-            partition_by="label",
-            alpha=cfg.alpha,
-            min_partition_size=2,
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
-        part.dataset = full
-        ds = part.load_partition(node.partition_id)
+        ds = _dirichlet(full, cfg, node, seed)
     return split_few_shot(ds, list(shapes.CLASSES), cfg, seed + 7919 * node.partition_id)
 
 

@@ -597,8 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.common.config import parse_config_args
 
     extra = dict(parse_config_args([a.run_config])) if a.run_config else {}
-    preset = "smoke" if a.smoke else "scale" if a.mode == "scale" else "benchmark"
-    extra = {**load_experiment(preset), **extra}
+    if a.smoke or a.mode != "scale":  # scale: the app's defaults unless --run-config says otherwise
+        extra = {**load_experiment("smoke" if a.smoke else "benchmark"), **extra}
     if a.mode == "scale" and a.out == Path("outputs/benchmark"):
         a.out = Path("outputs/scale")
     a.out.mkdir(parents=True, exist_ok=True)
