@@ -206,7 +206,8 @@ def build_global_model(
             free.put(worker)
 
     shards: dict[K, Shard] = {}
-    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="synthesis") as pool:
+    pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="synthesis")
+    try:
         futures = {key: pool.submit(job, k, key) for k, key in jobs}
         for n, (_, key) in enumerate(jobs, 1):
             try:
@@ -219,6 +220,8 @@ def build_global_model(
             screened.screening[key].synthetic = len(shard)
             screened.screening[key].synthesis_seconds = round(seconds, 2)
             log.info("synthesis %d/%d: %d images for %s in %.1f s", n, len(jobs), len(shard), describe(key), seconds)
+    finally:  # stopping (an error without ``reject``, Ctrl-C): the sites not started are not started
+        pool.shutdown(wait=True, cancel_futures=True)
     shapes = {key: shard.shape for key, shard in shards.items()}
     if shapes:
         common, _ = Counter(shapes.values()).most_common(1)[0]
