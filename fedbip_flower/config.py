@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -33,8 +34,24 @@ def _f(default: Any, help: str, choices: tuple | None = None, lo=None, hi=None):
     return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi})
 
 
+class _Checked:
+    """Every field checked on construction (``__post_init__``), however the config is built:
+    parsed from a run config, constructed, or ``dataclasses.replace``d. A bad value raises
+    :class:`ConfigError` naming its run-config key."""
+
+    _prefix: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if not dataclasses.is_dataclass(hints[f.name]):
+                _check(_key(self._prefix, f.name), getattr(self, f.name), hints[f.name], dict(f.metadata))
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
+    _prefix: typing.ClassVar[str] = "model."
+
     id: str = _f("bundled", "LDM: 'bundled' (the shipped small LDM), an HF hub id, or a local folder")
     device: str = _f(
         "auto",
@@ -43,9 +60,15 @@ class ModelConfig:
     )
     dtype: str = _f("auto", "LDM weights dtype: auto = fp16 on CUDA, fp32 on CPU", ("auto", "float32", "float16"))
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        device_list(self.device)
+
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
+    _prefix: typing.ClassVar[str] = "data."
+
     dataset: str = _f(
         SHAPES_DATASET, "'fedbip-shapes' (bundled), 'imagefolder' (data-dir / node's data-dir) or an HF id"
     )
@@ -66,7 +89,9 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ClientConfig:
+class ClientConfig(_Checked):
+    _prefix: typing.ClassVar[str] = "client."
+
     template: str = _f("", "prompt template with [S] and [V]; empty = the data preset's template")
     n_s: int = _f(4, "tokens in the domain concept S", lo=1, hi=8)
     n_v: int = _f(1, "tokens per class concept V", lo=1, hi=8)
@@ -88,7 +113,9 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(_Checked):
+    _prefix: typing.ClassVar[str] = "server."
+
     inference_steps: int = _f(5, "DDIM steps of the full schedule (its first timestep is the default T)", lo=1, hi=1000)
     guidance_scale: float = _f(3.0, "classifier-free guidance scale", lo=0.0)
     ddim_eta: float = _f(0.0, "DDIM eta (0 = deterministic)", lo=0.0, hi=1.0)
@@ -121,7 +148,9 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(_Checked):
+    _prefix: typing.ClassVar[str] = "classifier."
+
     arch: str = _f("resnet18", "torchvision classifier", ("resnet18",))
     stem: str = _f("imagenet", "ResNet stem: ImageNet 7x7/2 + maxpool, or CIFAR 3x3/1", ("imagenet", "cifar"))
     pretrained: str = _f("", "path to ImageNet weights (.pth / .safetensors); empty = random init")
@@ -141,7 +170,7 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
-class FedBiPConfig:
+class FedBiPConfig(_Checked):
     seed: int = _f(0, "fixes partitions, few-shot selection, noise and synthesis")
     min_clients: int = _f(4, "clients to wait for; fewer good replies stop the run", lo=1)
     output_dir: str = _f(
@@ -152,6 +181,10 @@ class FedBiPConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_cross(self)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedBiPConfig:
@@ -203,13 +236,25 @@ def _coerce(key: str, value: Any, typ: type, meta: dict) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         out = value
-    if meta.get("choices") and out not in meta["choices"]:
-        raise ConfigError(f"config key '{key}': {out!r} is not one of {list(meta['choices'])}")
-    if meta.get("lo") is not None and out < meta["lo"]:
-        raise ConfigError(f"config key '{key}': {out!r} is below the minimum {meta['lo']}")
-    if meta.get("hi") is not None and out > meta["hi"]:
-        raise ConfigError(f"config key '{key}': {out!r} is above the maximum {meta['hi']}")
     return out
+
+
+def _check(key: str, value: Any, typ: type, meta: dict) -> None:
+    """A field's type, choices and bounds (no coercion: :func:`_coerce` does that for run configs)."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+        str: isinstance(value, str),
+    }.get(typ, True)
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {typ.__name__}, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {list(meta['choices'])}")
+    if meta.get("lo") is not None and value < meta["lo"]:
+        raise ConfigError(f"config key '{key}': {value!r} is below the minimum {meta['lo']}")
+    if meta.get("hi") is not None and value > meta["hi"]:
+        raise ConfigError(f"config key '{key}': {value!r} is above the maximum {meta['hi']}")
 
 
 def _build(cls: type, flat: dict[str, Any], prefix: str):
@@ -225,10 +270,7 @@ def _build(cls: type, flat: dict[str, Any], prefix: str):
     if prefix == "" and flat:
         known = sorted(FedBiPConfig().to_run_config())
         raise ConfigError(f"unknown config key(s): {', '.join(sorted(flat))}; known keys: {', '.join(known)}")
-    obj = cls(**kwargs)
-    if prefix == "":
-        _check_cross(obj)
-    return obj
+    return cls(**kwargs)  # __post_init__ checks bounds, choices and (at the top) cross-key rules
 
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -249,7 +291,6 @@ def device_list(spec: str) -> list[str]:
 
 
 def _check_cross(cfg: FedBiPConfig) -> None:
-    device_list(cfg.model.device)
     t = cfg.client.template
     if t and ("[S]" not in t or "[V]" not in t):
         raise ConfigError(f"config key 'client.template': needs both [S] and [V], got {t!r}")

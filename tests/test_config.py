@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import tomllib
 from flwr.common.config import flatten_dict, parse_config_args
 
-from fedbip_flower.config import ConfigError, FedBiPConfig, experiment_names, load_experiment, run_config_string
+from fedbip_flower.config import (
+    ClassifierConfig,
+    ClientConfig,
+    ConfigError,
+    DataConfig,
+    FedBiPConfig,
+    ModelConfig,
+    ServerConfig,
+    experiment_names,
+    load_experiment,
+    run_config_string,
+)
 from fedbip_flower.tools import benchmark, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +110,23 @@ def test_launcher_refuses_a_bad_experiment_before_starting_flower(capsys):
     assert launch.main(["--experiment", "smoke", "--run-config", "data.shots=-1"]) == 2
     err = capsys.readouterr().err
     assert "NOT STARTED: no experiment 'nope'" in err and "data.shots" in err
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ClientConfig(n_s=100), "'client.n-s': 100 is above the maximum 8"),
+        (lambda: ClientConfig(injection="middle"), "'client.injection': 'middle' is not one of"),
+        (lambda: ServerConfig(multiplier=0), "'server.multiplier': 0 is below the minimum 1"),
+        (lambda: dataclasses.replace(ClassifierConfig(), epochs=0), "'classifier.epochs': 0 is below"),
+        (lambda: dataclasses.replace(FedBiPConfig(), seed=1.5), "'seed': expected int"),
+        (lambda: ModelConfig(device="gpu"), "model.device"),
+        (lambda: FedBiPConfig(data=DataConfig(domains="nowhere")), "'data.domains': unknown style"),
+        (lambda: DataConfig(alpha=float("nan")), "'data.alpha': expected float"),
+    ],
+)
+def test_every_way_of_building_a_config_is_checked(build, message):
+    """Bounds, choices, types and cross-key rules hold for constructed and replaced configs
+    too, not only for parsed run configs."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build()

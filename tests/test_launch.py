@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import stat
 import subprocess
 import sys
@@ -52,4 +53,7 @@ def test_processes_stops_every_process_even_one_ignoring_sigterm(tmp_path):
         deadline = time.time() + 30
         while "up" not in procs.log("stubborn") and time.time() < deadline:
             time.sleep(0.1)
-    assert stubborn.poll() is not None and plain.poll() is not None
+        # both really run, and the stubborn one has installed its SIGTERM handler
+        assert "up" in procs.log("stubborn") and stubborn.poll() is None and plain.poll() is None
+    assert plain.poll() is not None
+    assert stubborn.poll() == -signal.SIGKILL  # it ignored SIGTERM: only the kill stopped it
