@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import weakref
 from contextlib import contextmanager
 from enum import Enum
@@ -90,9 +91,14 @@ def _input_injection(text_encoder, layout: PromptLayout, s: torch.Tensor, v: tor
     """Overwrite the token embeddings at the slots with s (B, n_s, D) and v (B, n_v, D).
 
     A forward hook on the token-embedding layer: the text encoder itself is never modified.
+    The hook acts only in the thread that set it, so threads sharing one text encoder (the
+    server's synthesis workers on one device) each get their own concepts.
     """
+    owner = threading.get_ident()
 
     def hook(_module, _inputs, out):
+        if threading.get_ident() != owner:
+            return None  # another thread's forward pass: leave its embeddings alone
         out = out.clone()
         out[:, layout.s_pos] = s.to(out.dtype)
         out[:, layout.v_pos] = v.to(out.dtype)
