@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -384,3 +385,12 @@ def test_lost_node_below_min_clients_fails(deployment: SimpleNamespace) -> None:
     detected = _offline_at(dep, ids[VICTIM]) - stopped_at
     print(f"\nSIGTERM: node offline {detected:.0f} s after the stop; status-details: {run.get('status-details')}")
     assert -2 <= detected <= 15
+
+
+def test_a_missing_site_folder_names_a_helper_that_exists(tmp_path):
+    from fedbip_flower.tools import deploy
+
+    with pytest.raises(deploy.DeployError, match="not a site data folder") as info:
+        deploy.site_commands(1, tmp_path / "nowhere")
+    helper = re.search(r"scripts/deploy/\S+", str(info.value)).group(0)
+    assert (Path(__file__).resolve().parents[1] / helper).is_file(), helper

@@ -251,7 +251,7 @@ def site_commands(
     if not (data_dir / "train" / "metadata.csv").is_file():
         raise DeployError(
             f"{data_dir} is not a site data folder (no train/metadata.csv); "
-            "make one with scripts/deploy/make-site-data.sh"
+            "make one with scripts/deploy/make-site-data.py"
         )
     port = port or SITE_PORT_BASE + site
     node = [str(BIN / "flower-supernode")]
