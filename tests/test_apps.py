@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ConfigRecord, Context, MessageType, RecordDict
 
 from client_app import app as client_module
@@ -102,13 +104,55 @@ def test_failing_client_and_lost_node(fast_run_config, tmp_path):
     nodes = _nodes(3)
     nodes[101] = {**nodes[101], "data-dir": str(tmp_path / "no-such-site")}
     grid = FakeGrid(nodes, client_module.app, lost=[102])
-    cfg = {**fast_run_config, "output-dir": str(tmp_path / "out"), "min-clients": 1}
+    cfg = {**fast_run_config, "output-dir": str(tmp_path / "out"), "min-clients": 1, "server.round-timeout": 2.0}
     run_server(grid, cfg, run_id=1, progress=False)
     res = _results(tmp_path / "out")
     by = {c["node_id"]: c for c in res["clients"]}
     assert by[100]["status"] == "accepted"
-    assert by[101]["status"] == "rejected" and "no-such-site" in by[101]["reason"]
+    # the site's reason reaches the server, its local path does not
+    assert by[101]["status"] == "rejected" and "<data-dir>" in by[101]["reason"]
+    assert "no-such-site" not in by[101]["reason"] and str(tmp_path) not in json.dumps(res["clients"])
     assert by[102]["status"] == "rejected" and "no reply" in by[102]["reason"]
+
+
+def test_upload_round_stops_early_when_min_clients_is_out_of_reach(fast_run_config, tmp_path):
+    """One site fails at once and another never answers: with min-clients=3 of 3 the run cannot
+    complete, so the server fails at the first failure instead of waiting out the round."""
+    nodes = _nodes(3)
+    nodes[101] = {**nodes[101], "data-dir": str(tmp_path / "no-such-site")}
+    grid = FakeGrid(nodes, client_module.app, lost=[102])
+    cfg = {**fast_run_config, "output-dir": str(tmp_path), "min-clients": 3, "server.round-timeout": 600.0}
+    t0 = time.time()
+    with pytest.raises(
+        FedBiPError, match="only 1 good upload.*min-clients is 3.*node 102: no reply yet when the round stopped"
+    ):
+        run_server(grid, cfg, run_id=1, progress=False)
+    assert time.time() - t0 < 120  # not the 600 s round timeout
+    log = next(tmp_path.iterdir()).joinpath("server.log").read_text()
+    assert "upload round stopped early" in log and "upload 2/3: node 101 failed" in log
+
+
+def test_site_keeps_its_classifier_and_score(fast_run_config, tmp_path):
+    """With ``results-dir`` in its node config, a site keeps the classifier it was sent, its
+    score and the run id; the server's results agree."""
+    nodes = _nodes(2)
+    nodes[100] = {**nodes[100], "results-dir": str(tmp_path / "site-100")}
+    grid = FakeGrid(nodes, client_module.app)
+    run_server(grid, {**fast_run_config, "output-dir": str(tmp_path / "out")}, run_id=1, progress=False)
+    res = _results(tmp_path / "out")
+    (run_dir,) = (tmp_path / "site-100").glob("run*")
+    score = json.loads((run_dir / "score.json").read_text())
+    server_side = next(c for c in res["clients"] if c["node_id"] == 100)
+    assert score["run_id"] == "1" and score["accuracy"] == server_side["accuracy"]
+    assert score["num_test"] == server_side["num_test"] > 0
+    from safetensors.torch import load_file
+
+    sent = load_file(str(next((tmp_path / "out").iterdir()) / "classifier.safetensors"))
+    kept = load_file(str(run_dir / "classifier.safetensors"))
+    assert sent.keys() == kept.keys() and all(torch.equal(sent[k], kept[k]) for k in sent)
+    lines = (tmp_path / "site-100" / "scores.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["accuracy"] == score["accuracy"]
+    assert not (tmp_path / "site-101").exists()
 
 
 def test_too_few_good_replies_stop_the_run(fast_run_config, tmp_path):

@@ -189,9 +189,10 @@ def test_unreadable_evaluation_replies_are_ignored_naming_the_node(fast_run_conf
     res, log, _ = _run(tmp_path, cfg, _honest(model, 100, 101, 102, 103), evaluate)
     by = _by_node(res)
     assert res["status"] == "completed" and res["mean_accuracy"] == 0.75 and res["num_scored"] == 1
-    assert "malformed test count (inf)" in by[101]["evaluation"] and "node 101: sent a malformed" in log
-    assert "malformed accuracy ([0.5])" in by[102]["evaluation"] and "node 102: sent a malformed" in log
-    assert "no 'metrics' record" in by[103]["evaluation"] and "node 103: sent no 'metrics'" in log
+    # each problem is logged naming the node (and the domain it uploaded)
+    assert "malformed test count (inf)" in by[101]["evaluation"] and "node 101 (satellite): sent a malformed" in log
+    assert "malformed accuracy ([0.5])" in by[102]["evaluation"] and "node 102 (thermal): sent a malformed" in log
+    assert "no 'metrics' record" in by[103]["evaluation"] and "node 103 (chalkboard): sent no 'metrics'" in log
 
 
 def test_rejected_sites_are_scored_apart_from_the_headline(fast_run_config, tmp_path, model):

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from fedbip_flower import __version__
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.data.loading import ClientData, DataError, NodeConfig, load_client_data
-from fedbip_flower.federation.payload import META, ClientPayload
+from fedbip_flower.federation.payload import META, UPLOAD, ClientPayload
 from fedbip_flower.method.embeddings import PRESETS
 from fedbip_flower.method.personalize import first_inference_timestep, personalize
 from fedbip_flower.models.classifier import build_classifier, evaluate
@@ -20,6 +25,28 @@ from fedbip_flower.models.ldm import load_components, pick_device
 
 log = logging.getLogger(__name__)
 _FLOWER_KEYS = ("server-round",)
+RESULTS_KEY = "results-dir"  # node config: where a site keeps the classifier it receives and its score
+
+
+class SiteError(RuntimeError):
+    """What a site tells the server when its work fails: the reason, with the site's local
+    paths replaced by placeholders (the full error stays in the site's own log)."""
+
+
+def redact(text: str, node_config: dict[str, Any]) -> str:
+    """``text`` without this site's local paths: its data and results folders (as given and
+    resolved), the working directory and the home directory become ``<data-dir>``,
+    ``<results-dir>``, ``<cwd>``, ``<home>``."""
+    places = []
+    for key, tag in (("data-dir", "<data-dir>"), (RESULTS_KEY, "<results-dir>")):
+        value = str(node_config.get(key, "") or "")
+        if value:
+            places += [(value, tag), (str(Path(value).expanduser().resolve()), tag)]
+    places += [(os.getcwd(), "<cwd>"), (str(Path.home()), "<home>")]
+    for value, tag in sorted(places, key=lambda p: -len(p[0])):  # longest first: a data-dir under home
+        if len(value) > 1:
+            text = text.replace(value, tag)
+    return text
 
 
 def config_from_record(record: ConfigRecord | dict[str, Any]) -> FedBiPConfig:
@@ -78,9 +105,23 @@ def personalize_site(cfg: FedBiPConfig, node_config: dict[str, Any], progress: b
     t0 = time.perf_counter()
     data = load_client_data(cfg.data, node, cfg.seed)
     data_seconds = time.perf_counter() - t0
+    log.info(
+        "data: %d training and %d test image(s) in %d class(es), domain %r (%.1f s)",
+        len(data.train_labels),
+        len(data.test_labels),
+        len(data.class_names),
+        data.domain,
+        data_seconds,
+    )
     check_site_data(data, cfg, node)
     comps = load_components(cfg.model.id, cfg.client.device, cfg.model.dtype)
     t = cfg.client.timestep or first_inference_timestep(comps.scheduler, cfg.server.inference_steps)
+    log.info(
+        "personalization: %d concept step(s) on %s, torch threads %d",
+        cfg.client.steps,
+        comps.device,
+        torch.get_num_threads(),
+    )
     payload = personalize(comps, data, cfg.client, template_for(cfg), t, client_seed(cfg, node), progress)
     payload.metrics["data-seconds"] = data_seconds
     return payload
@@ -88,13 +129,23 @@ def personalize_site(cfg: FedBiPConfig, node_config: dict[str, Any], progress: b
 
 def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any], progress: bool = True) -> RecordDict:
     """Personalize this site (:func:`personalize_site`) and return the one upload."""
-    return personalize_site(config_from_record(config), node_config, progress).to_record_dict()
+    content = personalize_site(config_from_record(config), node_config, progress).to_record_dict()
+    log.info("upload: %.2f MB to the server (noised latents, labels, concept embeddings)", _mb(content))
+    return content
+
+
+def _mb(content: RecordDict) -> float:
+    return content.array_records[UPLOAD].count_bytes() / 2**20
 
 
 def run_evaluate(
-    arrays_state: dict[str, torch.Tensor], config: ConfigRecord | dict[str, Any], node_config: dict[str, Any]
+    arrays_state: dict[str, torch.Tensor],
+    config: ConfigRecord | dict[str, Any],
+    node_config: dict[str, Any],
+    run_id: int | str = "",
 ) -> RecordDict:
-    """Score the global classifier on this site's private test split."""
+    """Score the global classifier on this site's private test split; with ``results-dir``
+    in the node config, keep the classifier and the score there (:func:`save_site_result`)."""
     cfg = config_from_record(config)
     node = NodeConfig.from_node_config(node_config)
     data = load_client_data(cfg.data, node, cfg.seed)
@@ -105,10 +156,51 @@ def run_evaluate(
     model = build_classifier(dataclasses.replace(cfg.classifier, pretrained=""), int(fc.shape[0]))
     model.load_state_dict(arrays_state, strict=True)
     acc = evaluate(model, data.test_images, data.test_labels, pick_device(cfg.client.device))
-    log.info("client %s: accuracy %.4f on %d test images", data.domain, acc, len(data.test_labels))
+    n = len(data.test_labels)
+    log.info("evaluation: run %s, accuracy %s on %d test image(s) of this site", run_id, f"{acc:.4f}" if n else "-", n)
+    folder = str(node_config.get(RESULTS_KEY, "") or "")
+    if folder:
+        try:
+            where = save_site_result(Path(folder), run_id, arrays_state, acc if n else None, n, data)
+            log.info("kept the classifier and this site's score in %s", where)
+        except OSError as err:  # the score still goes to the server
+            log.error("could not keep the classifier in %s: %s", folder, err)
     return RecordDict(
         {
-            "metrics": MetricRecord({"accuracy": acc, "num-examples": len(data.test_labels)}),
+            "metrics": MetricRecord({"accuracy": acc, "num-examples": n}),
             META: ConfigRecord({"domain": data.domain}),
         }
     )
+
+
+def save_site_result(
+    folder: Path,
+    run_id: int | str,
+    state: dict[str, torch.Tensor],
+    accuracy: float | None,
+    num_test: int,
+    data: ClientData,
+) -> Path:
+    """Write ``<folder>/run<run_id>/classifier.safetensors`` (the weights the server sent) and
+    ``score.json`` (run id, this site's accuracy and test count, domain, class names, time),
+    and append the score to ``<folder>/scores.jsonl``; returns the run's folder."""
+    from safetensors.torch import save_file
+
+    out = Path(folder).expanduser().resolve() / f"run{run_id or 'unknown'}"
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(weights, str(out / "classifier.safetensors"), metadata={"class_names": json.dumps(data.class_names)})
+    score = {
+        "run_id": str(run_id),
+        "accuracy": accuracy,
+        "num_test": num_test,
+        "domain": data.domain,
+        "class_names": list(data.class_names),
+        "classifier": "classifier.safetensors",
+        "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "fedbip_flower_version": __version__,
+    }
+    (out / "score.json").write_text(json.dumps(score, indent=2) + "\n")
+    with open(out.parent / "scores.jsonl", "a") as fh:
+        fh.write(json.dumps({k: score[k] for k in ("run_id", "accuracy", "num_test", "domain", "saved_at")}) + "\n")
+    return out

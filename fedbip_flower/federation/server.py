@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from fedbip_flower import __version__
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.data.shapes import image_grid
+from fedbip_flower.federation.console import console_logging
 from fedbip_flower.federation.payload import safe_filename, safe_text
 from fedbip_flower.federation.strategy import FedBiPStrategy
 from fedbip_flower.federation.synthetic_set import SUBDIR as SYNTHETIC_SUBDIR
@@ -86,6 +87,7 @@ def results_dict(
         clients.append(
             {
                 "node_id": r.node_id,
+                "name": strategy.names.get(r.node_id, ""),
                 "domain": r.domain,
                 "status": r.status,
                 "reason": r.reason,
@@ -148,6 +150,11 @@ def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress
     exists and is saved.
     """
     cfg = FedBiPConfig.from_run_config(run_config)  # bad config: stop before any work
+    with console_logging():
+        return _run(grid, cfg, run_id, progress)
+
+
+def _run(grid: Grid, cfg: FedBiPConfig, run_id: Any, progress: bool) -> dict:
     run_dir = make_run_dir(cfg.output_dir, run_id)
     handler = _attach_log(run_dir)
     t0 = time.time()

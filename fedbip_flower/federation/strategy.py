@@ -121,6 +121,20 @@ class FedBiPStrategy(Strategy):
         self.timings: dict[str, float] = {}
         self._t_sent = self._t_synthesis = 0.0
         self._sent: list[Message] = []
+        self.names: dict[int, str] = {}  # node id -> the name it was registered with (if any)
+        self.stopped_early = ""  # why the upload round stopped before every reply was in
+
+    def start(self, grid: Grid, *args, **kwargs):
+        """Flower's ``Strategy.start`` over :class:`RoundGrid`: replies are logged as they
+        arrive, and the upload round stops as soon as ``min-clients`` good uploads can no
+        longer be reached."""
+        return super().start(RoundGrid(grid, self), *args, **kwargs)
+
+    def who(self, nid: int) -> str:
+        """A node as log lines name it: its id, and its registered name or domain when known."""
+        rec = self.clients.get(nid)
+        extra = [x for x in (self.names.get(nid, ""), rec.domain if rec else "") if x]
+        return f"node {nid}" + (f" ({', '.join(dict.fromkeys(extra))})" if extra else "")
 
     def _sender(self, rep: Message) -> int:
         """The node a reply is about. Flower's own error replies (e.g. NODE_UNAVAILABLE for a
@@ -132,6 +146,10 @@ class FedBiPStrategy(Strategy):
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         need, deadline = self.cfg.min_clients, time.time() + self.cfg.server.wait_timeout
         nodes = list(grid.get_node_ids())
+        if len(nodes) < need:
+            log.info(
+                "waiting for %d node(s) (%d online; at most %.0f s)", need, len(nodes), self.cfg.server.wait_timeout
+            )
         while len(nodes) < need and time.time() < deadline:
             time.sleep(1.0)
             nodes = list(grid.get_node_ids())
@@ -139,6 +157,7 @@ class FedBiPStrategy(Strategy):
             raise FedBiPError(
                 f"only {len(nodes)} node(s) connected after {self.cfg.server.wait_timeout:.0f} s; min-clients is {need}"
             )
+        self.names = node_names(grid)
         return sorted(nodes)
 
     def _reject(self, node_id: int, reason: str) -> None:
@@ -148,14 +167,18 @@ class FedBiPStrategy(Strategy):
         rec.status, rec.reason = "rejected", safe_text(reason, MAX_REASON_BYTES)
         self.accepted.pop(node_id, None)
         self.synthetic.pop(node_id, None)
-        log.warning("rejected the upload of node %s: %s", node_id, rec.reason)
+        log.warning("rejected the upload of %s: %s", self.who(node_id), rec.reason)
 
     # ------------------------------------------------------------------ train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
-        log.info("sending the personalization instruction to %d node(s)", len(nodes))
+        log.info(
+            "phase 1/4 uploads: sending the personalization instruction to %d node(s): %s",
+            len(nodes),
+            ", ".join(self.who(n) for n in nodes),
+        )
         self._t_sent = time.time()
         msgs = []
         for nid in nodes:
@@ -188,7 +211,7 @@ class FedBiPStrategy(Strategy):
                 self._reject(nid, f"unreadable upload: {type(err).__name__}: {err}")
         for nid in self.clients:
             if nid not in seen:
-                self._reject(nid, "no reply before the round timeout (node lost or too slow)")
+                self._reject(nid, self.stopped_early or "no reply before the round timeout (node lost or too slow)")
         self._agree_on_classes()
 
     def intake(self, nid: int, rep: Message) -> ClientPayload | None:
@@ -211,6 +234,13 @@ class FedBiPStrategy(Strategy):
         rec.num_images = int(payload.labels.numel())
         rec.client_metrics = dict(payload.metrics)
         self.accepted[nid] = payload
+        log.info(
+            "accepted the upload of %s: %d latent(s), %d class(es), %.2f MB",
+            self.who(nid),
+            rec.num_images,
+            len(payload.class_names),
+            rec.upload_bytes / 2**20,
+        )
         return payload
 
     def _agree_on_classes(self) -> None:
@@ -249,6 +279,11 @@ class FedBiPStrategy(Strategy):
         self.timings["synthesis"] = time.time() - self._t_synthesis
         self.synthetic = synthetic
         self._require_min_clients(" left after synthesis")
+        log.info(
+            "phase 3/4 classifier: training %s on %d synthetic images",
+            self.cfg.classifier.arch,
+            sum(len(v) for v in synthetic.values()),
+        )
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Intake, then the server pipeline (:func:`~fedbip_flower.federation.server_pipeline.build_global_model`).
@@ -261,6 +296,7 @@ class FedBiPStrategy(Strategy):
         self._collect(replies)
         log.info("%d of %d upload(s) accepted", len(self.accepted), len(self.clients))
         self._require_min_clients("")
+        log.info("phase 2/4 synthesis: screening and synthesizing from %d upload(s)", len(self.accepted))
         self._t_synthesis = time.time()
         built = build_global_model(
             self.components,
@@ -269,7 +305,7 @@ class FedBiPStrategy(Strategy):
             progress=self.progress,
             reject=self._reject,
             before_training=self._before_training,
-            describe=lambda nid: f"node {nid} ({safe_text(self.accepted[nid].domain, 40)})",
+            describe=self.who,
             workers=self.workers,
             store=SyntheticStore(self.synthetic_dir),
         )
@@ -305,7 +341,7 @@ class FedBiPStrategy(Strategy):
             content = RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config))})
             msgs.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=nid))
         self._sent = msgs
-        log.info("sending the classifier to %d node(s) for evaluation", len(msgs))
+        log.info("phase 4/4 evaluation: sending the classifier to %d node(s)", len(msgs))
         return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -330,6 +366,10 @@ class FedBiPStrategy(Strategy):
             except Exception as err:  # noqa: BLE001 - never let one reply stop the run
                 self._eval_problem(nid, f"unreadable evaluation reply: {type(err).__name__}: {err}")
         self.timings["evaluation"] = time.time() - self._t_sent
+        for nid in sorted(self.clients):
+            rec = self.clients[nid]
+            score = "-" if rec.accuracy is None else f"{rec.accuracy:.4f} on {rec.num_test} test image(s)"
+            log.info("score of %s [%s]: %s (%s)", self.who(nid), rec.status, score, rec.evaluation)
         scores = self.scores()
         if not scores["accepted"]:
             return None
@@ -345,7 +385,7 @@ class FedBiPStrategy(Strategy):
         rec = self.clients[nid]
         rec.accuracy, rec.num_test = None, 0
         rec.evaluation = safe_text(what, MAX_REASON_BYTES)
-        log.warning("node %s: %s", nid, rec.evaluation)
+        log.warning("%s: %s", self.who(nid), rec.evaluation)
 
     def record_evaluation(self, nid: int, rep: Message) -> None:
         """Check and record node ``nid``'s evaluation reply (never raises for bad content)."""
@@ -373,7 +413,6 @@ class FedBiPStrategy(Strategy):
         if n == 0:  # a site whose data left no test images cannot score
             rec.accuracy, rec.num_test = None, 0
             rec.evaluation = "no test images"
-            log.info("node %s has no test images: not scored", nid)
             return
         if not 0.0 <= acc <= 1.0:
             self._eval_problem(nid, f"sent an accuracy outside [0, 1] ({acc!r})")
@@ -406,3 +445,91 @@ class FedBiPStrategy(Strategy):
             c.classifier.arch,
             c.classifier.epochs,
         )
+
+
+def node_names(grid: Grid) -> dict[int, str]:
+    """The names the nodes were registered with (``flwr supernode register --name``), as
+    bounded printable text; {} where the Grid knows none (simulation)."""
+    try:
+        return {int(n.node_id): safe_text(n.name, 40) for n in grid.get_nodes() if getattr(n, "name", "")}
+    except Exception as err:  # noqa: BLE001 - names only decorate log lines
+        log.debug("no node names: %s", err)
+        return {}
+
+
+class RoundGrid(Grid):
+    """The run's Grid, with a ``send_and_receive`` that reports replies as they arrive and
+    stops the upload round early.
+
+    Flower's own loop waits for every reply or the round timeout. Here each reply is logged
+    when it arrives (``upload n/N from node ...``); in the upload round, once the replies that
+    failed leave fewer possible uploads than ``min-clients``, the round stops at once: the
+    run cannot complete, so the server fails with the reason instead of waiting for the
+    other sites to finish their work. Everything else is the wrapped Grid's.
+    """
+
+    def __init__(self, grid: Grid, strategy: FedBiPStrategy):
+        self.grid, self.strategy = grid, strategy
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        msgs = list(messages)
+        kind = msgs[0].metadata.message_type if msgs else ""
+        pending = set(self.grid.push_messages(msgs))
+        total, need = len(pending), self.strategy.cfg.min_clients
+        end = time.time() + (timeout if timeout is not None else math.inf)
+        interval = float(getattr(self.grid, "pull_interval", 3.0))
+        replies: list[Message] = []
+        failed = 0
+        while pending and time.time() < end:
+            got = list(self.grid.pull_messages(pending))
+            for rep in got:
+                pending.discard(rep.metadata.reply_to_message_id)
+                replies.append(rep)
+                failed += int(rep.has_error())
+                self._report(kind, rep, len(replies), total)
+            if pending and kind == MessageType.TRAIN and total - failed < need:
+                self.strategy.stopped_early = (
+                    f"no reply yet when the round stopped: {failed} of {total} site(s) failed, so at most "
+                    f"{total - failed} upload(s) can arrive and min-clients is {need}"
+                )
+                log.error("upload round stopped early: %s", self.strategy.stopped_early.split(": ", 1)[1])
+                break
+            if pending:
+                time.sleep(interval)
+        return replies
+
+    def _report(self, kind: str, rep: Message, n: int, total: int) -> None:
+        try:
+            who = self.strategy.who(self.strategy._sender(rep))
+        except Exception:  # noqa: BLE001 - the intake reports unreadable replies
+            who = "an unknown node"
+        what = "upload" if kind == MessageType.TRAIN else "evaluation"
+        if rep.has_error():
+            log.warning("%s %d/%d: %s failed: %s", what, n, total, who, safe_text(rep.error.reason, 300))
+        else:
+            log.info("%s %d/%d: received from %s", what, n, total, who)

@@ -147,6 +147,8 @@ def train_concepts(
         losses.append(loss.item())  # also waits for the device, so the step time is real
         step_times.append(time.perf_counter() - t_step)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if len(losses) % max(1, cfg.steps // 4) == 0 and len(losses) < cfg.steps:  # three lines, then the summary
+            log.info("personalization: step %d/%d, loss %.4f", len(losses), cfg.steps, losses[-1])
     # The first step pays one-off costs (allocator, kernel selection): the per-step figure is
     # the median of the others.
     steady = step_times[1:] or step_times
@@ -199,7 +201,7 @@ def personalize(
     stats["num-train"] = float(len(labels))
     stats["num-test"] = float(len(data.test_labels))
     loss = f"loss {stats['loss-first']:.4f} -> {stats['loss-last']:.4f}" if cfg.steps else "no concept steps"
-    log.info("client %s: %d images, %s, %.1f s", data.domain, len(labels), loss, stats["client-seconds"])
+    log.info("personalization done: %s, %d images, %s, %.1f s", data.domain, len(labels), loss, stats["client-seconds"])
     return ClientPayload(
         latents=zt,
         labels=labels,

@@ -205,6 +205,8 @@ def train_classifier(
         first = avg if epoch == 0 else first
         last = avg
         bar.set_postfix(loss=f"{avg:.3f}")
+        if (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:  # about five lines a run
+            log.info("classifier: epoch %d/%d, %d/%d SGD steps, loss %.3f", epoch + 1, epochs, done, total_steps, avg)
     model.eval().cpu()
     return model, {"loss-first-epoch": first, "loss-last-epoch": last, "sgd-steps": float(done)}
 
