@@ -42,12 +42,14 @@ import pytest
 import torch
 
 from fedbip_flower.data import shapes
+from fedbip_flower.tools import deploy
 from fedbip_flower.tools.deploy import (
     DeployError,
     Deployment,
     ensure_secret,
     scripts_dir,
     site_commands,
+    status_report,
     superlink_commands,
     supernodes,
     write_site,
@@ -147,8 +149,8 @@ def deployment(tmp_path_factory) -> SimpleNamespace:
     """SuperLink (TLS + node auth) and three authenticated sites; everything stopped at the end."""
     root = tmp_path_factory.mktemp("deploy")
     started = []
-    # OMP_NUM_THREADS=1: three sites share two cores here.
-    with Deployment(root, port=free_port(), site_env={"OMP_NUM_THREADS": "1"}) as dep:
+    # The sites share the cores (Deployment.start_site's default threads: cores / sites).
+    with Deployment(root, port=free_port()) as dep:
         try:
             dep.make_certs()
             dep.make_keys(len(SITES) + 1)  # node4's key is never registered
@@ -259,7 +261,15 @@ def test_commands_match_the_compose_topology(tmp_path: Path) -> None:
 
 def test_scripts_print_usage() -> None:
     env = {**os.environ, "PYTHON": sys.executable}
-    names = ["start-superlink.sh", "start-site.sh", "connect.sh", "register-nodes.sh", "run.sh", "quick-try.sh"]
+    names = [
+        "start-superlink.sh",
+        "start-site.sh",
+        "connect.sh",
+        "register-nodes.sh",
+        "run.sh",
+        "status.sh",
+        "quick-try.sh",
+    ]
     for name in names:
         res = subprocess.run(
             ["bash", str(scripts_dir() / name), "--help"],
@@ -320,6 +330,35 @@ def test_three_sites_complete(deployment: SimpleNamespace) -> None:
         assert c["num_images"] == 10 * SHOTS and c["upload_bytes"] > 0
     assert res["mean_accuracy"] is not None
     assert res["config"]["model.id"] == "bundled"
+    # the registered names reach the ServerApp
+    assert {c["name"] for c in res["clients"]} == {f"site-{n}" for n in SITES}
+
+    # each site keeps the classifier it was sent, its own score and the run id, in its folder
+    from safetensors.torch import load_file
+
+    run_id = run["run-id"]
+    server_weights = load_file(res["classifier_path"])
+    for n, node_id in deployment.node_ids.items():
+        kept = dep.root / f"site-{n}" / "results" / f"run{run_id}"
+        score = json.loads((kept / "score.json").read_text())
+        assert score["run_id"] == str(run_id) and score["accuracy"] == by_id[node_id]["accuracy"], score
+        assert score["num_test"] == by_id[node_id]["num_test"] and score["domain"] == STYLES[n]
+        weights = load_file(str(kept / "classifier.safetensors"))
+        assert all(torch.equal(weights[k], server_weights[k]) for k in server_weights)
+        site_log = dep.log(f"superexec-clientapp-{n}")
+        assert "personalization: step" in site_log and f"accuracy {score['accuracy']:.4f}" in site_log, site_log[-2000:]
+        assert "Downloading data" not in site_log  # a local read is not a download
+        assert (dep.root / f"site-{n}" / "hf-datasets-cache").is_dir()  # the site's cache stays in its folder
+
+    # the operator follows the run in `flwr run --stream` (the same lines as `flwr log`)
+    for line in ("phase 1/4 uploads", "upload 3/3", "phase 2/4 synthesis", "phase 3/4 classifier", "phase 4/4"):
+        assert line in text, f"{line!r} not streamed\n{text[-3000:]}"
+    assert len(re.findall(r"score of node \d+ \(site-\d", text)) == 3, text[-3000:]
+
+    # and in one screen
+    report = status_report(dep.connection, dep.cli_env, run_id)
+    assert f"run {run_id}: finished:completed" in report and "phase: phase 4/4" in report, report
+    assert all(f"site-{n}" in report for n in SITES) and report.count("accepted ") >= 3, report
 
 
 @pytest.mark.slow
@@ -368,7 +407,10 @@ def test_lost_node_is_reported_under_its_own_id(deployment: SimpleNamespace) -> 
 def test_lost_node_below_min_clients_fails(deployment: SimpleNamespace) -> None:
     """min-clients=3: a site is stopped (SIGTERM) mid-round; the run fails naming min-clients."""
     dep, ids = deployment.dep, deployment.node_ids
-    _ensure_sites(deployment)  # restarts the site lost above, with the same registered key
+    dep.stop_site(VICTIM)  # (if still up) and restarted with the same registered key:
+    _ensure_sites(deployment)
+    # its log kept the earlier life's lines: one start header per life, nothing truncated
+    assert dep.log(f"supernode-{VICTIM}").count("started (pid") >= 2
     baseline = dep.clientapp_starts(VICTIM)
     bg = Background(lambda: _run(dep, deployment.root / "out-lost-min3", 3))
     bg.start()
@@ -379,7 +421,7 @@ def test_lost_node_below_min_clients_fails(deployment: SimpleNamespace) -> None:
 
     assert run["status"] == "finished:failed", f"{run}\n{_diag(dep, text)}"
     assert res.get("status") == "failed", res
-    assert "only 2 good upload(s), min-clients is 3" in res["error"], res["error"]
+    assert re.search(r"only \d good upload\(s\), min-clients is 3", res["error"]), res["error"]
     assert ids[VICTIM] in {c["node_id"] for c in res["clients"] if c["status"] == "rejected"}
     assert res["timings_s"]["clients"] < ROUND_TIMEOUT - 60, res["timings_s"]
     detected = _offline_at(dep, ids[VICTIM]) - stopped_at
@@ -394,3 +436,36 @@ def test_a_missing_site_folder_names_a_helper_that_exists(tmp_path):
         deploy.site_commands(1, tmp_path / "nowhere")
     helper = re.search(r"scripts/deploy/\S+", str(info.value)).group(0)
     assert (Path(__file__).resolve().parents[1] / helper).is_file(), helper
+
+
+def test_a_second_start_of_a_running_site_is_refused_before_it_touches_anything(tmp_path, capsys):
+    from fedbip_flower.tools.supervise import RoleLock
+
+    data = write_site(tmp_path / "data", "satellite", 2)
+    role = tmp_path / "deploy" / "site-1"
+    (role / "logs").mkdir(parents=True)
+    log = role / "logs" / "supernode-1.log"
+    log.write_text("the running site's log\n")
+    with RoleLock(role, "site 1"):  # site 1 runs (this process holds its lock)
+        code = deploy.main(["--deploy-dir", str(tmp_path / "deploy"), "site", "1", str(data), "--insecure"])
+    err = capsys.readouterr().err
+    assert code == 1 and "site 1 is already running" in err and f"pid {os.getpid()}" in err, err
+    assert log.read_text() == "the running site's log\n" and not (role / "superexec.secret").exists()
+    with RoleLock(role, "site 1"):  # once stopped, the lock is free again
+        pass
+
+
+def test_the_unregistered_site_hint_names_the_fix():
+    text = deploy.hint("... Exit Code: 305 ... Failed to activate SuperNode ...")
+    assert "not registered" in text and "register-nodes.sh" in text
+
+
+def test_sites_on_one_machine_share_the_cores_fairly(tmp_path):
+    from fedbip_flower.tools.deploy import fair_threads, is_loopback, node_config, thread_env
+
+    cores = os.cpu_count() or 1
+    assert fair_threads(1) == cores and fair_threads(3) == max(1, cores // 3) and fair_threads(10**6) == 1
+    assert thread_env(2)["OMP_NUM_THREADS"] == "2" and thread_env(None) == {}
+    assert is_loopback("127.0.0.1:8000") and is_loopback("localhost:9092") and not is_loopback("10.0.0.2:8000")
+    text = node_config(2, tmp_path / "d", 3, tmp_path / "r")
+    assert f"results-dir='{(tmp_path / 'r').resolve()}'" in text and "partition-id=1" in text

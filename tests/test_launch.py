@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbip_flower.tools import launch
+from fedbip_flower.tools import launch, supervise
 
 
 def _fake_flwr(tmp_path: Path, body: str) -> Path:
@@ -47,13 +47,13 @@ def test_processes_stops_every_process_even_one_ignoring_sigterm(tmp_path):
     code = (
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
     )
-    with launch.Processes({}, tmp_path) as procs:
+    with supervise.Processes({}, tmp_path) as procs:
         stubborn = procs.start("stubborn", [sys.executable, "-c", code])
         plain = procs.start("plain", [sys.executable, "-c", "import time; time.sleep(600)"])
         deadline = time.time() + 30
-        while "up" not in procs.log("stubborn") and time.time() < deadline:
+        while "up" not in procs.log("stubborn").splitlines() and time.time() < deadline:
             time.sleep(0.1)
         # both really run, and the stubborn one has installed its SIGTERM handler
-        assert "up" in procs.log("stubborn") and stubborn.poll() is None and plain.poll() is None
+        assert "up" in procs.log("stubborn").splitlines() and stubborn.poll() is None and plain.poll() is None
     assert plain.poll() is not None
     assert stubborn.poll() == -signal.SIGKILL  # it ignored SIGTERM: only the kill stopped it

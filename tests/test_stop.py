@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbip_flower.tools import deploy, launch
+from fedbip_flower.tools import deploy, launch, supervise
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -30,7 +31,7 @@ FAMILY = (
 def _gone(pid: int, within: float) -> bool:
     deadline = time.time() + within
     while time.time() < deadline:
-        if not launch.is_alive(pid):
+        if not supervise.is_alive(pid):
             return True
         time.sleep(0.1)
     return False
@@ -40,8 +41,9 @@ def _grandchild(log: Path) -> int:
     deadline = time.time() + 30
     while time.time() < deadline:
         text = log.read_text() if log.exists() else ""
-        if "grandchild" in text:
-            return int(text.split()[1])
+        m = re.search(r"^grandchild (\d+)", text, re.M)
+        if m:
+            return int(m.group(1))
         time.sleep(0.1)
     raise AssertionError("the family did not start")
 
@@ -54,7 +56,7 @@ def _fake_flwr(tmp_path: Path, body: str) -> Path:
 
 
 def test_a_stop_reaches_children_detached_into_their_own_session(tmp_path):
-    with launch.Processes({}, tmp_path) as procs:
+    with supervise.Processes({}, tmp_path) as procs:
         leader = procs.start("family", [sys.executable, "-c", FAMILY])
         grandchild = _grandchild(tmp_path / "family.log")
     assert leader.poll() is not None and _gone(grandchild, 5)
@@ -64,7 +66,7 @@ def test_no_process_outlives_a_sigkilled_launcher(tmp_path):
     owner_code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from fedbip_flower.tools.launch import Processes\n"
+        "from fedbip_flower.tools.supervise import Processes\n"
         "procs = Processes({}, Path(sys.argv[1]))\n"
         "p = procs.start('family', [sys.executable, '-c', sys.argv[2]])\n"
         "print('leader', p.pid, flush=True)\n"
@@ -77,14 +79,14 @@ def test_no_process_outlives_a_sigkilled_launcher(tmp_path):
     try:
         leader = int(owner.stdout.readline().split()[1])
         grandchild = _grandchild(tmp_path / "family.log")
-        assert launch.is_alive(leader) and launch.is_alive(grandchild)
+        assert supervise.is_alive(leader) and supervise.is_alive(grandchild)
         owner.send_signal(signal.SIGKILL)  # no cleanup code of the owner runs
         owner.wait(timeout=10)
         assert _gone(leader, 30) and _gone(grandchild, 30), "a process outlived its SIGKILLed owner"
     finally:
         owner.kill()
         for pid in (leader, grandchild):
-            if pid and launch.is_alive(pid):
+            if pid and supervise.is_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
@@ -113,3 +115,19 @@ def test_flwr_cli_calls_are_bounded(tmp_path, monkeypatch):
     with pytest.raises(deploy.DeployError, match="did not answer"):
         deploy.wait_online("c", {}, count=1, timeout=2)
     assert time.time() - t0 < 60
+
+
+def test_logs_survive_restarts_and_rotate_by_size(tmp_path, monkeypatch):
+    say = "import sys; print('\\n'.join(f'{sys.argv[1]} {i:03d}' for i in range(40)))"
+    for life in ("first", "second"):
+        with supervise.Processes({}, tmp_path) as procs:
+            procs.start("role", [sys.executable, "-c", say, life]).wait(timeout=30)
+    text = supervise.read_log(tmp_path / "role.log")
+    assert "first 039" in text and "second 039" in text and text.count("started (pid") == 2
+    # past the size cap the file rotates: role.log.1 ..., nothing is truncated in place
+    monkeypatch.setattr(supervise, "LOG_MAX_BYTES", 400)
+    with supervise.Processes({}, tmp_path) as procs:
+        procs.start("small", [sys.executable, "-c", say, "third"]).wait(timeout=30)
+    parts = sorted(p.name for p in tmp_path.glob("small.log*"))
+    assert "small.log.1" in parts and all((tmp_path / p).stat().st_size <= 400 for p in parts)
+    assert supervise.read_log(tmp_path / "small.log").splitlines()[-1] == "third 039"

@@ -206,10 +206,16 @@ def _load_imagefolder(data_dir: str):
     import datasets
 
     root = _check_folder(data_dir)
+    # A local folder: no "Downloading data" / "Generating split" bars in the site's log.
+    quiet = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
     except Exception as err:
         raise DataError(f"cannot read data folder {str(root)!r}: {err}") from err
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
     missing = {"image", "label", "domain"} - set(ds.column_names)
     if missing:
         raise DataError(f"data folder {str(root)!r}: metadata.csv lacks column(s) {sorted(missing)}")

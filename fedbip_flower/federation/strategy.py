@@ -312,7 +312,6 @@ class FedBiPStrategy(Strategy):
         for nid, screen in built.screening.items():
             if nid in self.clients:
                 self.clients[nid].screening = screen.to_dict()
-        log.info("synthesized %d images in %.1f s", len(built.labels), self.timings["synthesis"])
         self.timings["classifier"] = built.timings["classifier"]
         self.classifier = built.classifier
         metrics = MetricRecord({"num-synthetic": len(built.labels), "num-accepted": len(built.order), **built.stats})

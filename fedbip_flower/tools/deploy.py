@@ -25,6 +25,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -41,19 +42,16 @@ from fedbip_flower.data.loading import DataError, shrink_imagefolder
 from fedbip_flower.tools.launch import (
     BIN,
     LaunchError,
-    Processes,
     checked_results,
     flower_env,
     flwr_run,
     free_port,
-    is_alive,
     print_summary,
-    process_tree,
     run_status,
-    signal_tree,
     wait_for_port,
     write_connection,
 )
+from fedbip_flower.tools.supervise import Processes, RoleBusy, RoleLock, read_log
 
 SUPERLINK_PORT = 8000
 SITE_PORT_BASE = 9093  # site N serves its Runtime API on 127.0.0.1:(9093 + N)
@@ -220,11 +218,36 @@ def superlink_commands(
     return {"superlink": link, "superexec-serverapp": execr}
 
 
-def node_config(site: int, data_dir: Path, num_sites: int = 3) -> str:
-    data = str(Path(data_dir).resolve())
-    if "'" in data or '"' in data:
-        raise DeployError(f"the data folder path must not contain quotes: {data}")
-    return f"data-dir='{data}' partition-id={site - 1} num-partitions={max(site, num_sites)}"
+def node_config(site: int, data_dir: Path, num_sites: int = 3, results_dir: Path | None = None) -> str:
+    """The SuperNode's ``--node-config``: its data folder, partition, and (``results_dir``)
+    where its ClientApp keeps each run's classifier and score."""
+    folders = {"data-dir": data_dir, "results-dir": results_dir}
+    text = []
+    for key, folder in folders.items():
+        if folder is None:
+            continue
+        path = str(Path(folder).resolve())
+        if "'" in path or '"' in path:
+            raise DeployError(f"the {key} path must not contain quotes: {path}")
+        text.append(f"{key}='{path}'")
+    return " ".join([*text, f"partition-id={site - 1}", f"num-partitions={max(site, num_sites)}"])
+
+
+def fair_threads(sites_here: int) -> int:
+    """Threads per site when ``sites_here`` sites share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, sites_here))
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The environment that caps a site's compute threads (torch reads it at start)."""
+    if not threads:
+        return {}
+    return {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
 def site_commands(
@@ -237,6 +260,7 @@ def site_commands(
     key: Path | None = None,
     secret: Path | None = None,
     num_sites: int = 3,
+    results_dir: Path | None = None,
 ) -> dict[str, list[str]]:
     """Commands of site ``site``: ``supernode-N`` and ``superexec-clientapp-N``.
 
@@ -271,7 +295,7 @@ def site_commands(
         "--port",
         str(port),
         "--node-config",
-        node_config(site, data_dir, num_sites),
+        node_config(site, data_dir, num_sites, results_dir),
     ]
     execr = [str(BIN / "flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{port}"]
     if secret is not None:
@@ -281,8 +305,12 @@ def site_commands(
 
 
 def role_env(role_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of a role's processes: FLWR_HOME=<role_dir>/flwr-home, offline HF, no telemetry."""
-    env = flower_env(Path(role_dir).resolve() / "flwr-home")
+    """Environment of a role's processes: FLWR_HOME=<role_dir>/flwr-home, the Hugging Face
+    datasets cache in <role_dir>/hf-datasets-cache (a site's cache of its own data stays in
+    its folder), offline HF, no telemetry."""
+    role_dir = Path(role_dir).resolve()
+    env = flower_env(role_dir / "flwr-home")
+    env.setdefault("HF_DATASETS_CACHE", str(role_dir / "hf-datasets-cache"))  # unless set by the user
     env.update(extra or {})
     return env
 
@@ -302,19 +330,44 @@ def flwr_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subp
         raise DeployError(f"`flwr {' '.join(args[:2])}` did not answer in {timeout:.0f} s") from err
 
 
+NAMES_FILE = "fedbip-node-names.json"  # in the flwr CLI's FLWR_HOME: node id -> site name
+
+
+def remember_name(flwr_home: Path, node_id: int, name: str) -> None:
+    """Record the site name a node was registered with (``flwr supernode ls`` in Flower 1.42
+    does not show it; ``status`` does)."""
+    path = Path(flwr_home) / NAMES_FILE
+    names = node_names(flwr_home)
+    names[str(node_id)] = name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(names, indent=2, sort_keys=True) + "\n")
+
+
+def node_names(flwr_home: Path) -> dict[str, str]:
+    try:
+        data = json.loads((Path(flwr_home) / NAMES_FILE).read_text())
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def register_node(public_key: Path, connection: str, env: dict[str, str], name: str | None = None) -> int:
-    """``flwr supernode register``; returns the node id. Raises DeployError on failure."""
+    """``flwr supernode register``; returns the node id (and records its name under the CLI's
+    FLWR_HOME). Raises DeployError on failure."""
     args = ["supernode", "register", str(Path(public_key).resolve()), connection, "--format", "json"]
     if name:
         args += ["--name", name]
     res = flwr_cli(args, env)
     try:
         data = json.loads(res.stdout)
-        return int(data["node-id"])
+        node_id = int(data["node-id"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise DeployError(
             f"`flwr supernode register {public_key}` failed ({res.returncode}):\n{res.stdout}{res.stderr}"
         ) from err
+    if name and env.get("FLWR_HOME"):
+        remember_name(Path(env["FLWR_HOME"]), node_id, name)
+    return node_id
 
 
 def supernodes(connection: str, env: dict[str, str], timeout: float = 60) -> list[dict]:
@@ -354,92 +407,58 @@ def start_role(
     role_dir: Path,
     ports: dict[str, int] | None = None,
     startup_timeout: float = 60.0,
+    echo: bool = False,
 ) -> Iterator[Processes]:
-    """Start a role's processes in order (waiting for each listed port); stop all on exit."""
+    """Start a role's processes in order (waiting for each listed port); stop all on exit.
+    Logs go to ``<role_dir>/logs/<name>.log`` (appended, rotated by size)."""
     role_dir = Path(role_dir).resolve()
-    (role_dir / "logs").mkdir(parents=True, exist_ok=True)
-    with Processes(env, role_dir / "logs") as procs:
-        try:
-            for name, argv in commands.items():
-                proc = procs.start(name, argv, cwd=role_dir)
-                if ports and name in ports:
-                    try:
-                        wait_for_port(ports[name], proc, startup_timeout)
-                    except LaunchError as err:
-                        raise LaunchError(f"{name}: {err}\n{procs.log(name)[-3000:]}") from err
-            yield procs
-        finally:
-            stop_all(procs)
+    with Processes(env, role_dir / "logs", echo=echo) as procs:
+        for name, argv in commands.items():
+            proc = procs.start(name, argv, cwd=role_dir)
+            if ports and name in ports:
+                try:
+                    wait_for_port(ports[name], proc, startup_timeout)
+                except LaunchError as err:
+                    raise LaunchError(f"{name}: {err}\n{procs.log(name)[-3000:]}{hint(procs.log(name))}") from err
+        yield procs
 
 
-def stop_all(procs: Processes, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
-    """Stop every process of ``procs``, its process group and its descendants; never raises.
-
-    ``sig`` goes to all of them at once; whatever still runs after ``grace`` seconds gets
-    SIGKILL. Descendants are found under ``/proc`` before any signal, so children that
-    Flower detached into sessions of their own are stopped too.
-    """
-    trees = {p.pid: process_tree(p.pid) for p in procs.procs.values()}
-    live = {n: p for n, p in procs.procs.items() if p.poll() is None or any(is_alive(c) for c in trees[p.pid])}
-    for p in live.values():
-        signal_tree(p.pid, trees[p.pid], sig)
-
-    def running() -> bool:
-        return any(p.poll() is None or any(is_alive(c) for c in trees[p.pid]) for p in live.values())
-
-    deadline = time.time() + (grace if sig != signal.SIGKILL else 0.0)
-    while time.time() < deadline and running():
-        time.sleep(0.2)
-    for p in live.values():
-        # SIGKILL the group too: children (flwr-clientapp / flwr-serverapp) may outlive the leader.
-        signal_tree(p.pid, sorted(set(trees[p.pid]) | set(process_tree(p.pid))), signal.SIGKILL)
-    for p in live.values():
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=120)
-
-
-class _LogTail:
-    """Echo new lines of the role's log files to stdout, prefixed with the process name."""
-
-    def __init__(self, procs: Processes):
-        self.procs, self.pos = procs, {}
-
-    def poll(self) -> None:
-        for name in self.procs.procs:
-            path = self.procs.log_dir / f"{name}.log"
-            if not path.exists():
-                continue
-            with open(path, errors="replace") as fh:
-                fh.seek(self.pos.get(name, 0))
-                text = fh.read()
-                self.pos[name] = fh.tell()
-            for line in text.splitlines():
-                print(f"[{name}] {line}", flush=True)
+def hint(log: str) -> str:
+    """What a role's log means for its operator, when Flower's own words do not say it."""
+    if "Failed to activate SuperNode" in log or "Exit Code: 305" in log:
+        return (
+            "\nThe SuperLink refused this site: its public key is not registered there (or was registered "
+            "on another SuperLink / state.db). Send the .pub file to the SuperLink operator, who runs "
+            "scripts/deploy/register-nodes.sh with it (docs/deployment.md, step 5); then start the site again."
+        )
+    if "Address already in use" in log:
+        return "\nAnother process on this machine uses the port: pass --port."
+    return ""
 
 
 def serve(
     commands: dict[str, list[str]], env: dict[str, str], role_dir: Path, ports: dict[str, int] | None = None
 ) -> int:
-    """Run a role in the foreground until Ctrl-C / SIGTERM or until one process exits."""
+    """Run a role in the foreground until Ctrl-C / SIGTERM or until one process exits; its
+    processes' output is echoed with a ``[name]`` prefix and kept in its log files."""
 
     def _term(signum, frame):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _term)
-    code, tail = 0, None
+    code = 0
     try:
-        with start_role(commands, env, role_dir, ports) as procs:
-            tail = _LogTail(procs)
-            tail.poll()
+        with start_role(commands, env, role_dir, ports, echo=True) as procs:
             print(f"running: {', '.join(procs.procs)} (logs in {procs.log_dir}); Ctrl-C stops them", flush=True)
             while True:
-                tail.poll()
                 dead = [(n, p.returncode) for n, p in procs.procs.items() if p.poll() is not None]
                 if dead:
-                    time.sleep(0.5)
-                    tail.poll()
+                    time.sleep(0.5)  # the processes' last words
                     name, code = dead[0]
                     print(f"{name} exited with code {code}; stopping the others", file=sys.stderr, flush=True)
+                    why = hint(procs.log(name))
+                    if why:
+                        print(why.strip(), file=sys.stderr, flush=True)
                     code = code or 1
                     break
                 time.sleep(0.5)
@@ -450,8 +469,6 @@ def serve(
         code = 1
     finally:
         signal.signal(signal.SIGTERM, old)
-        if tail is not None:
-            tail.poll()  # the processes' last words
     return code
 
 
@@ -493,6 +510,7 @@ class Deployment:
     # -- roles
     def start_superlink(self) -> Processes:
         role = self.root / "superlink"
+        self.stack.enter_context(RoleLock(role, "the SuperLink"))
         cmds = superlink_commands(
             role,
             port=self.port,
@@ -517,25 +535,31 @@ class Deployment:
         port: int | None = None,
         num_sites: int = 3,
         wait: bool = True,
+        threads: int | None = None,
     ) -> Processes:
-        """Start site ``site`` (its own stack, so it can be stopped alone)."""
+        """Start site ``site`` (its own stack, so it can be stopped alone). It keeps its
+        results in ``<root>/site-N/results``; ``threads`` (default: a fair share of the cores
+        among ``num_sites`` sites) caps its compute threads."""
         self.stop_site(site)
         role = self.root / f"site-{site}"
-        port = port or free_port()
-        cmds = site_commands(
-            site,
-            data_dir,
-            superlink=self.address,
-            port=port,
-            root_cert=self.certs / "ca.crt" if self.tls else None,
-            key=(key or self.key(site)) if self.tls else None,
-            secret=ensure_secret(role / "superexec.secret"),
-            num_sites=num_sites,
-        )
         stack = contextlib.ExitStack()
-        ports = {f"supernode-{site}": port} if wait else {}
         try:
-            procs = stack.enter_context(start_role(cmds, role_env(role, self.site_env), role, ports))
+            stack.enter_context(RoleLock(role, f"site {site}"))
+            port = port or free_port()
+            cmds = site_commands(
+                site,
+                data_dir,
+                superlink=self.address,
+                port=port,
+                root_cert=self.certs / "ca.crt" if self.tls else None,
+                key=(key or self.key(site)) if self.tls else None,
+                secret=ensure_secret(role / "superexec.secret"),
+                num_sites=num_sites,
+                results_dir=role / "results",
+            )
+            ports = {f"supernode-{site}": port} if wait else {}
+            env = role_env(role, {**thread_env(threads or fair_threads(num_sites)), **self.site_env})
+            procs = stack.enter_context(start_role(cmds, env, role, ports))
         except BaseException:
             stack.close()
             raise
@@ -546,7 +570,7 @@ class Deployment:
         """Stop a site: ``SIGKILL`` simulates a crash (no goodbye to the SuperLink)."""
         procs, stack = self.sites.pop(site, None), self.site_stacks.pop(site, None)
         if procs is not None:
-            stop_all(procs, sig)
+            procs.stop_all(sig)
         if stack is not None:
             stack.close()
 
@@ -565,8 +589,7 @@ class Deployment:
     def log(self, name: str) -> str:
         """A process's log (``superlink``, ``supernode-N``, ``superexec-clientapp-N``, ...)."""
         role = "superlink" if name in ("superlink", "superexec-serverapp") else f"site-{name.rsplit('-', 1)[-1]}"
-        path = self.root / role / "logs" / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return read_log(self.root / role / "logs" / f"{name}.log")
 
     def clientapp_starts(self, site: int) -> int:
         """ClientApp processes started by site ``site``'s SuperExec (one per message it received)."""
@@ -580,14 +603,8 @@ class Deployment:
         return flwr_run(app, self.connection, self.cli_env, run_config, timeout=timeout, echo=echo)
 
     def status(self, run_id: int, wait: float = 120) -> dict:
-        """The run's ``flwr ls`` record once finished (retried: the CLI can be slow on a loaded machine)."""
-        for attempt in range(3):
-            try:
-                return run_status(run_id, self.connection, self.cli_env, wait=wait)
-            except subprocess.TimeoutExpired:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        """The run's ``flwr ls`` record once finished (``run_status`` retries a slow CLI)."""
+        return run_status(run_id, self.connection, self.cli_env, wait=wait)
 
 
 def scripts_dir() -> Path:
@@ -610,6 +627,79 @@ def _script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
     if res.returncode != 0:
         raise DeployError(f"{name} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
     return res.stdout
+
+
+# ----------------------------------------------------------------------------- status
+_PHASE = re.compile(r"phase (\d)/4 (\w+)")
+_REPLY = re.compile(r"(upload|evaluation) (\d+)/(\d+): (.*)")
+_SCORE = re.compile(r"score of (node \d+.*?) \[(\w+)\]: (.*)")
+_REJECT = re.compile(r"rejected the upload of (node \d+.*?): (.*)")
+_STEPS = re.compile(r"(synthesis \d+/\d+|classifier: epoch \d+/\d+)")
+
+
+def run_progress(log: str) -> list[str]:
+    """What a run's ServerApp log (``flwr log --show``) says so far: the phase, replies,
+    rejections, the last synthesis / classifier step, each site's score, the mean."""
+    phase, step, replies, rejected, scores, final = "", "", {}, [], [], []
+    for line in log.splitlines():
+        if m := _PHASE.search(line):
+            phase = f"phase {m.group(1)}/4: {m.group(2)}"
+        if m := _REPLY.search(line):
+            replies[m.group(1)] = f"{m.group(2)} of {m.group(3)} in (last: {m.group(4).strip()})"
+        if m := _REJECT.search(line):
+            rejected.append(f"  {m.group(1)}: {m.group(2).strip()[:160]}")
+        if m := _STEPS.search(line):
+            step = m.group(1)
+        if m := _SCORE.search(line):
+            scores.append(f"  {m.group(1):<40} {m.group(2):<9} {m.group(3).strip()}")
+        if "mean accuracy over" in line or "FedBiP run failed" in line or "upload round stopped early" in line:
+            final.append("  " + line.split(": ", 1)[-1].strip() if ": " in line else line.strip())
+    out = [f"phase: {phase or 'not started (waiting for nodes?)'}" + (f"; last step: {step}" if step else "")]
+    out += [f"{kind} replies: {text}" for kind, text in replies.items()]
+    if rejected:
+        out += ["rejected uploads:", *rejected]
+    if scores:
+        out += ["scores (accepted sites make the mean):", *scores]
+    return out + final
+
+
+def _seconds(value) -> str:
+    try:
+        return f"{float(value):.0f} s"
+    except (TypeError, ValueError):
+        return str(value or "")
+
+
+def status_report(connection: str, env: dict[str, str], run_id: int | str | None = None) -> str:
+    """One screen for the operator: the registered sites (with the names they were registered
+    with), the last runs, and the chosen run's progress from its ServerApp log."""
+    names = node_names(Path(env.get("FLWR_HOME", "")))
+    out = [f"SuperLink connection {connection!r}", "", f"{'node id':>22}  {'site':<12} {'status':<12} since"]
+    for n in supernodes(connection, env):
+        since = n.get("online-at") if n.get("status") == "online" else (n.get("offline-at") or n.get("created-at"))
+        out.append(
+            f"{n.get('node-id', '?'):>22}  {names.get(str(n.get('node-id')), '-'):<12} {n.get('status', '?'):<12} {since or ''}"
+        )
+    res = flwr_cli(["ls", connection, "--format", "json"], env, timeout=60)
+    try:
+        runs = sorted(json.loads(res.stdout).get("runs", []), key=lambda r: int(r.get("run-id", 0)))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise DeployError(f"`flwr ls` failed: {res.stdout}{res.stderr}") from err
+    out += ["", f"runs: {len(runs)}" + (" (the last 5)" if len(runs) > 5 else "")]
+    out += [f"  run {r.get('run-id')}: {r.get('status')}, {_seconds(r.get('elapsed'))}" for r in runs[-5:]]
+    run_id = int(run_id) if run_id else None
+    chosen = next((r for r in runs if int(r.get("run-id", 0)) == run_id), None) if run_id else (runs or [None])[-1]
+    if chosen is None:
+        return "\n".join(out + ([f"no run {run_id}"] if run_id else []))
+    rid = int(chosen["run-id"])
+    logs = flwr_cli(["log", str(rid), connection, "--show"], env, timeout=120)
+    out += [
+        "",
+        f"run {rid}: {chosen.get('status')}"
+        + (f" ({chosen['status-details']})" if chosen.get("status-details") else ""),
+    ]
+    out += run_progress(logs.stdout)
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- checked run
@@ -743,6 +833,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--key", type=Path, default=None, help="private node key (default: <deploy-dir>/keys/nodeN)")
     s.add_argument("--port", type=int, default=None, help="Runtime API port (default: 9093 + N)")
     s.add_argument("--num-sites", type=int, default=3)
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads of this site (OMP_NUM_THREADS); default: with a loopback SuperLink (all "
+        "sites on this machine) cores / --num-sites, else all cores",
+    )
+    s.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where the site keeps each run's classifier and score (default: <deploy-dir>/site-N/results)",
+    )
     s.add_argument("--insecure", action="store_true", help="no TLS, no node key (loopback quick try only)")
 
     s = sub.add_parser("connection", help="write the flwr CLI connection into $FLWR_HOME/config.toml")
@@ -761,6 +864,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--output-dir", type=Path, default=None, help="default: <deploy-dir>/outputs")
     s.add_argument("--run-config", default="")
     s.add_argument("--timeout", type=float, default=3600)
+
+    s = sub.add_parser(
+        "status",
+        help="one screen: the sites, the runs, and the latest (or --run-id) run's phase and scores",
+        description="Reads the SuperLink through the flwr CLI (flwr supernode ls, flwr ls, flwr log): "
+        "works from any machine with a connection; site names come from register's record.",
+    )
+    s.add_argument("--connection", default=DEFAULT_CONNECTION)
+    s.add_argument("--run-id", type=int, default=None, help="default: the latest run")
 
     s = sub.add_parser("quick-try", help="insecure loopback deployment: 1 SuperLink + N sites, one run, stop")
     s.add_argument("--num-sites", type=int, default=3)
@@ -791,29 +903,37 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.cmd == "superlink":
             role = dd / "superlink"
-            certs = None if a.insecure else (a.certs or dd / "certs")
-            cmds = superlink_commands(
-                role, port=a.port, host=a.host, certs_dir=certs, secret=ensure_secret(role / "superexec.secret")
-            )
-            print(f"SuperLink role folder: {role} ({'INSECURE' if a.insecure else 'TLS + SuperNode auth'})", flush=True)
-            return serve(cmds, role_env(role), role, {"superlink": a.port})
+            with RoleLock(role, "the SuperLink"):  # a second start is refused before it touches anything
+                certs = None if a.insecure else (a.certs or dd / "certs")
+                cmds = superlink_commands(
+                    role, port=a.port, host=a.host, certs_dir=certs, secret=ensure_secret(role / "superexec.secret")
+                )
+                mode = "INSECURE" if a.insecure else "TLS + SuperNode auth"
+                print(f"SuperLink role folder: {role} ({mode})", flush=True)
+                return serve(cmds, role_env(role), role, {"superlink": a.port})
         if a.cmd == "site":
             role = dd / f"site-{a.site}"
-            port = a.port or SITE_PORT_BASE + a.site
-            cmds = site_commands(
-                a.site,
-                a.data_dir,
-                superlink=a.superlink,
-                port=port,
-                root_cert=None if a.insecure else (a.ca or dd / "certs" / "ca.crt"),
-                key=None if a.insecure else (a.key or dd / "keys" / f"node{a.site}"),
-                secret=ensure_secret(role / "superexec.secret"),
-                num_sites=a.num_sites,
-            )
-            print(
-                f"site {a.site} role folder: {role}; data {a.data_dir.resolve()}; SuperLink {a.superlink}", flush=True
-            )
-            return serve(cmds, role_env(role), role, {f"supernode-{a.site}": port})
+            with RoleLock(role, f"site {a.site}"):
+                port = a.port or SITE_PORT_BASE + a.site
+                results = (a.results_dir or role / "results").resolve()
+                cmds = site_commands(
+                    a.site,
+                    a.data_dir,
+                    superlink=a.superlink,
+                    port=port,
+                    root_cert=None if a.insecure else (a.ca or dd / "certs" / "ca.crt"),
+                    key=None if a.insecure else (a.key or dd / "keys" / f"node{a.site}"),
+                    secret=ensure_secret(role / "superexec.secret"),
+                    num_sites=a.num_sites,
+                    results_dir=results,
+                )
+                threads = a.threads or (fair_threads(a.num_sites) if is_loopback(a.superlink) else None)
+                print(
+                    f"site {a.site} role folder: {role}; data {a.data_dir.resolve()}; results {results}; "
+                    f"SuperLink {a.superlink}; compute threads {threads or os.cpu_count()}",
+                    flush=True,
+                )
+                return serve(cmds, role_env(role, thread_env(threads)), role, {f"supernode-{a.site}": port})
         home = cli_home(dd)
         env = flower_env(home)
         if a.cmd == "connection":
@@ -840,9 +960,12 @@ def main(argv: list[str] | None = None) -> int:
             code = print_summary(results)
             print(f"run {run.get('run-id')} {run.get('status')}; outputs: {Path(results['results_path']).parent}")
             return code
+        if a.cmd == "status":
+            print(status_report(a.connection, env, a.run_id))
+            return 0
         if a.cmd == "quick-try":
             return quick_try(a.app or _project_root(), dd, a.num_sites, a.per_class, a.run_config, a.timeout)
-    except (DeployError, LaunchError, DataError) as err:
+    except (DeployError, LaunchError, DataError, RoleBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 2

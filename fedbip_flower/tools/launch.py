@@ -15,7 +15,6 @@ Main job (4 clients on the bundled benchmark's held-out styles)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from fedbip_flower.tools.supervise import Processes, stop_families
 
 BIN = Path(sys.executable).parent
 
@@ -70,175 +71,6 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     )
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def _start_time(pid: int) -> str:
-    """A process's start time (Linux ``/proc``), "" if it is gone or unknown: with the pid it
-    names one process, even after the pid is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid``'s live descendants (Linux ``/proc``; [] elsewhere), whatever their session:
-    Flower starts some children detached (``start_new_session``), outside the group."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        todo += children.get(child, [])
-    return out
-
-
-def signal_tree(pid: int, pids: list[int], sig: int) -> None:
-    """``sig`` to ``pid``'s process group and to each of ``pids``; never raises."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, sig)
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    state = ""
-    with contextlib.suppress(OSError, IndexError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"  # a zombie has exited; its parent has not reaped it yet
-
-
-def reap(stream, grace: float = 5.0) -> None:
-    """The reaper's loop: read ``+ pid start`` / ``- pid`` lines until end of input (its owner
-    exited, normally or by SIGKILL), then stop every registered process that still runs:
-    its group and all its descendants, SIGTERM and after ``grace`` seconds SIGKILL."""
-    groups: dict[int, str] = {}
-    for line in stream:
-        parts = line.split()
-        with contextlib.suppress(ValueError, IndexError):
-            if parts[0] == "+":
-                groups[int(parts[1])] = parts[2] if len(parts) > 2 else ""
-            elif parts[0] == "-":
-                groups.pop(int(parts[1]), None)
-    live = {p: process_tree(p) for p, st in groups.items() if _start_time(p) == st}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p, tree in live.items():
-            signal_tree(p, tree, sig)
-        deadline = time.time() + grace
-        while time.time() < deadline and any(is_alive(x) for p, t in live.items() for x in [p, *t]):
-            time.sleep(0.1)
-
-
-class Processes:
-    """Owns Flower processes; every one is stopped on exit, whatever happens.
-
-    Each process starts in its own session (process group). Stopping one signals its group
-    and every descendant found under ``/proc`` (Flower detaches some children into sessions
-    of their own), SIGTERM and then SIGKILL. A reaper process (``launch.py --reap``, in a
-    session of its own) holds the other end of a pipe: if this process dies without
-    cleaning up, even by SIGKILL, the pipe closes and the reaper stops everything still
-    registered, so no Flower process outlives its owner.
-    """
-
-    def __init__(self, env: dict[str, str], log_dir: Path):
-        self.env, self.log_dir = env, log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.reaper: subprocess.Popen | None = None
-
-    def _tell_reaper(self, line: str) -> None:
-        if self.reaper is None or self.reaper.poll() is not None:
-            self.reaper = subprocess.Popen(
-                [sys.executable, "-I", str(Path(__file__).resolve()), "--reap"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-                close_fds=True,
-            )
-        with contextlib.suppress(OSError, ValueError):
-            assert self.reaper.stdin is not None
-            self.reaper.stdin.write(line + "\n")
-            self.reaper.stdin.flush()
-
-    def start(self, name: str, args: list[str], cwd: Path | None = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "w")
-        try:
-            proc = subprocess.Popen(
-                args, env=self.env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        finally:
-            log.close()  # the child has its own copy
-        self.procs[name] = proc
-        self._tell_reaper(f"+ {proc.pid} {_start_time(proc.pid)}")
-        return proc
-
-    def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
-        """Stop ``name``, its group and its descendants: ``sig``, then SIGKILL after ``grace`` s."""
-        proc = self.procs.get(name)
-        if proc is None:
-            return
-        tree = process_tree(proc.pid)
-        if proc.poll() is None or any(is_alive(p) for p in tree):
-            signal_tree(proc.pid, tree, sig)
-            deadline = time.time() + grace
-            while time.time() < deadline and (proc.poll() is None or any(is_alive(p) for p in tree)):
-                time.sleep(0.1)
-            tree = sorted(set(tree) | set(process_tree(proc.pid)))
-            signal_tree(proc.pid, tree, signal.SIGKILL)  # the group may hold stragglers
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:  # stuck in the kernel: report it, stop the others
-                log.warning("process %s (pid %d) survived SIGKILL for 15 s", name, proc.pid)
-        self._tell_reaper(f"- {proc.pid}")
-
-    def log(self, name: str) -> str:
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def close_reaper(self) -> None:
-        """Let the reaper go (after a clean stop it finds nothing left to stop)."""
-        if self.reaper is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            assert self.reaper.stdin is not None
-            self.reaper.stdin.close()
-        try:
-            self.reaper.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.reaper.kill()
-            self.reaper.wait(timeout=5)
-        self.reaper = None
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            for name in reversed(list(self.procs)):
-                self.stop(name)
-        finally:
-            self.close_reaper()
 
 
 def write_connection(flwr_home: Path, name: str, address: str, root_cert: str | None = None) -> None:
@@ -295,12 +127,8 @@ def flwr_run(
         timed_out = True
     finally:
         if proc.poll() is None:  # timed out, or this process is being interrupted
-            signal_tree(proc.pid, process_tree(proc.pid), signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                signal_tree(proc.pid, process_tree(proc.pid), signal.SIGKILL)
-                proc.wait(timeout=10)
+            stop_families([proc.pid], signal.SIGTERM, grace=10)
+            proc.wait(timeout=10)
         reader.join(timeout=10)
     text = "".join(out)
     m = re.search(r"Successfully started run (\d+)", text)
@@ -450,7 +278,6 @@ def project_root() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imported here: this module also runs as a stdlib-only script (the reaper).
     import click
     from flwr.common.config import parse_config_args
 
@@ -507,8 +334,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--reap"]:  # the reaper of Processes: stdlib only, runs as a plain script
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        reap(sys.stdin)
-        sys.exit(0)
     sys.exit(main())

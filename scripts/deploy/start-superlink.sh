@@ -15,8 +15,9 @@
 #       --superexec-auth-secret-file $FEDBIP_DEPLOY_DIR/superlink/superexec.secret
 #   flower-superexec --runtime-api-address 127.0.0.1:PORT --root-certificates ca.crt
 #       --superexec-auth-secret-file (the same secret; created on first start)
-# Logs: $FEDBIP_DEPLOY_DIR/superlink/logs/ (also echoed here). Registered node keys and runs
-# persist in state.db across restarts.
+# Logs: $FEDBIP_DEPLOY_DIR/superlink/logs/ (also echoed here; appended across restarts, rotated
+# by size into NAME.log.1 .. .5, never truncated). Registered node keys and runs persist in
+# state.db across restarts. A second start from the same deployment folder is refused.
 # Env: FEDBIP_DEPLOY_DIR (default ./deploy), PYTHON (default python: the project's venv).
 set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
