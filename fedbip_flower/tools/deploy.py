@@ -696,7 +696,7 @@ def status_report(connection: str, env: dict[str, str], run_id: int | str | None
     out += [
         "",
         f"run {rid}: {chosen.get('status')}"
-        + (f" ({chosen['status-details']})" if chosen.get("status-details") else ""),
+        + (f" ({chosen['status-details']})" if chosen.get("status-details") not in (None, "", "N/A") else ""),
     ]
     out += run_progress(logs.stdout)
     return "\n".join(out)
