@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def test_upload_round_stops_early_when_min_clients_is_out_of_reach(fast_run_conf
         run_server(grid, cfg, run_id=1, progress=False)
     assert time.time() - t0 < 120  # not the 600 s round timeout
     log = next(tmp_path.iterdir()).joinpath("server.log").read_text()
-    assert "upload round stopped early" in log and "upload 2/3: node 101 failed" in log
+    assert "upload round stopped early" in log and re.search(r"upload [12]/3: node 101 failed", log), log
 
 
 def test_site_keeps_its_classifier_and_score(fast_run_config, tmp_path):
