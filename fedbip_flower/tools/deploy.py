@@ -377,8 +377,10 @@ def supernodes(connection: str, env: dict[str, str], timeout: float = 60) -> lis
         data = json.loads(res.stdout)
     except json.JSONDecodeError as err:
         raise DeployError(f"`flwr supernode ls` failed: {res.stdout}{res.stderr}") from err
-    nodes = data.get("nodes", data) if isinstance(data, dict) else data
-    return list(nodes or [])
+    if isinstance(data, dict) and data.get("success") is False:
+        raise DeployError(f"`flwr supernode ls` failed: {str(data.get('error-message', ''))[-500:]}")
+    nodes = data.get("nodes", []) if isinstance(data, dict) else data
+    return [n for n in nodes or [] if isinstance(n, dict)]
 
 
 def wait_online(connection: str, env: dict[str, str], count: int, timeout: float = 60.0) -> list[dict]:
