@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     def _term(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _term)
+    old_term = signal.signal(signal.SIGTERM, _term)
     t0 = time.time()
     try:
         docker_ready()
@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DemoError, DeployError, LaunchError) as err:
         print(f"[docker-demo] FAILED: {err}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":
