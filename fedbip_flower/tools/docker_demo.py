@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     old_term = signal.signal(signal.SIGTERM, _term)
+    # Ctrl-C (SIGINT) tears down too, even when started in the background by a shell that
+    # starts background jobs with SIGINT ignored.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.time()
     try:
         docker_ready()
@@ -444,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
 
 
 if __name__ == "__main__":
