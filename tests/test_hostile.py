@@ -16,7 +16,14 @@ import pytest
 import torch
 from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedbip_flower.federation.payload import Expected, PayloadError, safe_filename, safe_text, validate_reply
+from fedbip_flower.federation.payload import (
+    Expected,
+    PayloadError,
+    safe_filename,
+    safe_text,
+    to_record_dict,
+    validate_reply,
+)
 from fedbip_flower.federation.server import run_server
 from fedbip_flower.tools import fuzz
 from tests.fakegrid import FakeGrid, set_task_identity
@@ -31,7 +38,7 @@ def model(tiny_components) -> fuzz.Model:
 
 
 def _upload(model: fuzz.Model, nid: int, domain: str | None = None) -> RecordDict:
-    return fuzz.honest_payload(model, seed=nid, n=6, domain=domain or DOMAINS[nid % 4]).to_record_dict()
+    return to_record_dict(fuzz.honest_payload(model, seed=nid, n=6, domain=domain or DOMAINS[nid % 4]))
 
 
 def _score(acc=0.5, n=10) -> RecordDict:
@@ -168,9 +175,9 @@ def test_an_upload_that_decodes_to_another_image_size_is_rejected(fast_run_confi
     for nid in (100, 101):
         p = fuzz.honest_payload(model, seed=nid, domain=DOMAINS[nid % 4])
         p.latents = p.latents[:0]  # concept level only, as these honest clients are told
-        train[nid] = p.to_record_dict()
+        train[nid] = to_record_dict(p)
     big = dataclasses.replace(model, size=32)  # latents for 64 px images
-    train[102] = fuzz.honest_payload(big, seed=102, domain="thermal").to_record_dict()
+    train[102] = to_record_dict(fuzz.honest_payload(big, seed=102, domain="thermal"))
     res, log, _ = _run(tmp_path, cfg, train)
     c = _by_node(res)[102]
     assert res["status"] == "completed" and res["num_synthetic"] == 12
@@ -285,7 +292,7 @@ MODEL = fuzz.Model("fp", 4, 16, 16)
 
 
 def _rd():
-    return fuzz.honest_payload(MODEL, 0).to_record_dict()
+    return to_record_dict(fuzz.honest_payload(MODEL, 0))
 
 
 def _set(path: str, value):

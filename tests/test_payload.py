@@ -7,7 +7,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedbip_flower.federation.payload import ClientPayload, Expected, PayloadError, validate_reply
+from fedbip_flower.federation.payload import Expected, PayloadError, to_record_dict, validate_reply
+from fedbip_flower.method.upload import ClientPayload
 
 EXP = Expected(
     model_fingerprint="abc", latent_channels=4, latent_size=16, hidden_size=16, max_bytes=2**22, max_images=1000
@@ -33,20 +34,20 @@ def _payload(n=6) -> ClientPayload:
 
 def test_round_trip():
     p = _payload()
-    q = validate_reply(p.to_record_dict(), EXP)
+    q = validate_reply(to_record_dict(p), EXP)
     for k in ("latents", "labels", "s", "v", "v_classes"):
         assert torch.equal(getattr(p, k), getattr(q, k))
     assert q.class_names == p.class_names and q.timestep == 951 and q.domain == "medical"
 
 
 def _with_array(key, value):
-    rd = _payload().to_record_dict()
+    rd = to_record_dict(_payload())
     rd["upload"][key] = value if isinstance(value, Array) else Array(value)
     return rd
 
 
 def _with_meta(key, value):
-    rd = _payload().to_record_dict()
+    rd = to_record_dict(_payload())
     if value is None:
         del rd["meta"][key]
     else:
@@ -55,14 +56,14 @@ def _with_meta(key, value):
 
 
 def _corrupt_bytes():
-    rd = _payload().to_record_dict()
+    rd = to_record_dict(_payload())
     arr = rd["upload"]["s"]
     rd["upload"]["s"] = Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=b"\x93NUMPY garbage")
     return rd
 
 
 def _no_upload():
-    rd = _payload().to_record_dict()
+    rd = to_record_dict(_payload())
     del rd["upload"]
     return rd
 
@@ -98,7 +99,7 @@ CASES = {
 
 
 def _drop(key):
-    rd = _payload().to_record_dict()
+    rd = to_record_dict(_payload())
     del rd["upload"][key]
     return rd
 
@@ -113,23 +114,23 @@ def test_malformed_payload_is_rejected(case):
 def test_size_caps():
     small = Expected(**{**EXP.__dict__, "max_bytes": 1000})
     with pytest.raises(PayloadError, match="cap"):
-        validate_reply(_payload().to_record_dict(), small)
+        validate_reply(to_record_dict(_payload()), small)
     few = Expected(**{**EXP.__dict__, "max_images": 3})
     with pytest.raises(PayloadError, match="exceed the cap"):
-        validate_reply(_payload().to_record_dict(), few)
+        validate_reply(to_record_dict(_payload()), few)
 
 
 def test_concept_only_upload_needs_permission():
     p = _payload()
     p.latents = p.latents[:0]
     with pytest.raises(PayloadError, match="0 latents but 6 labels"):
-        validate_reply(p.to_record_dict(), EXP)
-    ok = validate_reply(p.to_record_dict(), Expected(**{**EXP.__dict__, "allow_empty_latents": True}))
+        validate_reply(to_record_dict(p), EXP)
+    ok = validate_reply(to_record_dict(p), Expected(**{**EXP.__dict__, "allow_empty_latents": True}))
     assert ok.latents.shape[0] == 0 and ok.labels.numel() == 6
 
 
 def test_a_pickled_array_is_not_loaded():
-    rd = _payload().to_record_dict()
+    rd = to_record_dict(_payload())
     obj = np.array([{"evil": 1}], dtype=object)
     import io
 

@@ -15,6 +15,7 @@ import torch
 
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.federation import server_pipeline, trust
+from fedbip_flower.federation.payload import to_record_dict
 from fedbip_flower.tools import attacks, fuzz
 
 
@@ -209,7 +210,7 @@ def test_the_app_reports_the_screening_per_node(fast_run_config, tmp_path, tiny_
 
     honest = {nid: anchored(tiny_components, model, nid, d) for nid, d in ((101, "satellite"), (102, "thermal"))}
     bad = attacks.attacked_uploads("permute-concepts", [anchored(tiny_components, model, 100, "medical")], None)[0]
-    train = {100: bad.to_record_dict(), **{k: p.to_record_dict() for k, p in honest.items()}}
+    train = {100: to_record_dict(bad), **{k: to_record_dict(p) for k, p in honest.items()}}
     res, log, _ = _run(tmp_path, {**fast_run_config, "min-clients": 3, "data.shots": 3}, train)
     by = {c["node_id"]: c for c in res["clients"]}
     assert res["status"] == "completed"

@@ -505,13 +505,3 @@ def build_dataset(
         },
         features=features,
     )
-
-
-def image_grid(images: Sequence[np.ndarray], rows: int, cols: int, pad: int = 2) -> Image.Image:
-    """Tile HxWx3 uint8 arrays row-major into one PIL image."""
-    h, w = images[0].shape[:2]
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for k, im in enumerate(images[: rows * cols]):
-        r, c = divmod(k, cols)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
-    return Image.fromarray(canvas)

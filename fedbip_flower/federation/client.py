@@ -17,9 +17,10 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from fedbip_flower import __version__
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.data.loading import ClientData, DataError, NodeConfig, load_client_data
-from fedbip_flower.federation.payload import META, UPLOAD, ClientPayload
+from fedbip_flower.federation.payload import META, UPLOAD, to_record_dict
 from fedbip_flower.method.embeddings import PRESETS
 from fedbip_flower.method.personalize import first_inference_timestep, personalize
+from fedbip_flower.method.upload import ClientPayload
 from fedbip_flower.models.classifier import build_classifier, evaluate
 from fedbip_flower.models.ldm import load_components, pick_device
 
@@ -129,7 +130,7 @@ def personalize_site(cfg: FedBiPConfig, node_config: dict[str, Any], progress: b
 
 def run_train(config: ConfigRecord | dict[str, Any], node_config: dict[str, Any], progress: bool = True) -> RecordDict:
     """Personalize this site (:func:`personalize_site`) and return the one upload."""
-    content = personalize_site(config_from_record(config), node_config, progress).to_record_dict()
+    content = to_record_dict(personalize_site(config_from_record(config), node_config, progress))
     log.info("upload: %.2f MB to the server (noised latents, labels, concept embeddings)", _mb(content))
     return content
 

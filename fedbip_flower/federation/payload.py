@@ -1,4 +1,7 @@
-"""The one upload of a client, its RecordDict form, and the server's validation of it.
+"""A client's upload on the wire: its RecordDict form and the server's validation of it.
+
+The upload itself (:class:`~fedbip_flower.method.upload.ClientPayload`) and its prompt
+layout belong to the method; this module is the Flower side.
 
 Record keys: ``"upload"`` (ArrayRecord: latents fp16 (N, C, h, w), labels int64 (N,),
 s float32 (n_s, D), v float32 (K, n_v, D), v_classes int64 (K,)) and ``"meta"``
@@ -17,6 +20,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedbip_flower.method.upload import ClientPayload, prompt_layout
+
 UPLOAD, META, METRICS = "upload", "meta", "metrics"
 # Bounds on the strings and lists of an upload (a hostile client may send anything).
 MAX_NAME_CHARS = 200  # domain and each class name
@@ -31,44 +36,30 @@ class PayloadError(ValueError):
     """A client's reply is malformed, inconsistent, too large or from another model."""
 
 
-@dataclass
-class ClientPayload:
-    latents: torch.Tensor  # z(T), float16 (N, C, h, w)
-    labels: torch.Tensor  # int64 (N,)
-    s: torch.Tensor  # float32 (n_s, D)
-    v: torch.Tensor  # float32 (K, n_v, D)
-    v_classes: torch.Tensor  # int64 (K,): which class each row of v belongs to
-    class_names: list[str]
-    domain: str
-    template: str
-    timestep: int
-    injection: str
-    model_fingerprint: str
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def to_record_dict(self) -> RecordDict:
-        arrays = ArrayRecord(
-            {
-                "latents": self.latents.to(torch.float16).contiguous(),
-                "labels": self.labels.to(torch.int64).contiguous(),
-                "s": self.s.float().contiguous(),
-                "v": self.v.float().contiguous(),
-                "v_classes": self.v_classes.to(torch.int64).contiguous(),
-            }
-        )
-        meta = ConfigRecord(
-            {
-                "class-names": list(self.class_names),
-                "domain": self.domain,
-                "template": self.template,
-                "timestep": int(self.timestep),
-                "injection": self.injection,
-                "model-fingerprint": self.model_fingerprint,
-                "num-examples": int(self.labels.numel()),
-            }
-        )
-        metrics = MetricRecord({k: float(v) for k, v in self.metrics.items()})
-        return RecordDict({UPLOAD: arrays, META: meta, METRICS: metrics})
+def to_record_dict(payload: ClientPayload) -> RecordDict:
+    """The upload as the reply's RecordDict (``upload``, ``meta``, ``metrics``)."""
+    arrays = ArrayRecord(
+        {
+            "latents": payload.latents.to(torch.float16).contiguous(),
+            "labels": payload.labels.to(torch.int64).contiguous(),
+            "s": payload.s.float().contiguous(),
+            "v": payload.v.float().contiguous(),
+            "v_classes": payload.v_classes.to(torch.int64).contiguous(),
+        }
+    )
+    meta = ConfigRecord(
+        {
+            "class-names": list(payload.class_names),
+            "domain": payload.domain,
+            "template": payload.template,
+            "timestep": int(payload.timestep),
+            "injection": payload.injection,
+            "model-fingerprint": payload.model_fingerprint,
+            "num-examples": int(payload.labels.numel()),
+        }
+    )
+    metrics = MetricRecord({k: float(v) for k, v in payload.metrics.items()})
+    return RecordDict({UPLOAD: arrays, META: meta, METRICS: metrics})
 
 
 @dataclass(frozen=True)
@@ -284,17 +275,3 @@ def validate_reply(content: RecordDict, exp: Expected) -> ClientPayload:
                 f"{type(err).__name__}: {safe_text(str(err), 400)}"
             ) from err
     return payload
-
-
-def prompt_layout(tokenizer, payload: ClientPayload):
-    """The prompt layout synthesis uses for ``payload`` (one row per row of ``v``)."""
-    from fedbip_flower.method.embeddings import build_layout
-
-    return build_layout(
-        tokenizer,
-        payload.template,
-        payload.s.shape[0],
-        payload.v.shape[1],
-        payload.domain,
-        [payload.class_names[int(c)] for c in payload.v_classes],
-    )

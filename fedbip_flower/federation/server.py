@@ -24,18 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedbip_flower import __version__
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.data.shapes import image_grid
 from fedbip_flower.federation.console import console_logging
 from fedbip_flower.federation.payload import safe_filename, safe_text
 from fedbip_flower.federation.strategy import FedBiPStrategy
 from fedbip_flower.federation.synthetic_set import SUBDIR as SYNTHETIC_SUBDIR
 from fedbip_flower.models.ldm import load_server_components
+from fedbip_flower.pictures import class_grid
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +55,6 @@ def _attach_log(path: Path) -> logging.Handler:
         if lg.level == logging.NOTSET or lg.level > logging.INFO:
             lg.setLevel(logging.INFO)
     return handler
-
-
-def _grid_png(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 8) -> None:
-    tiles = []
-    classes = labels.unique().tolist()
-    for c in classes:
-        idx = torch.nonzero(labels == c).flatten()[:per_class]
-        tiles += [images[i].permute(1, 2, 0).numpy() for i in idx]
-        tiles += [images[0].permute(1, 2, 0).numpy() * 0 + 255] * (per_class - len(idx))
-    image_grid(tiles, len(classes), per_class).save(path)
 
 
 def json_safe(obj):
@@ -233,7 +222,7 @@ def _write_artifacts(strategy: FedBiPStrategy, run_dir: Path) -> Path | None:
     for nid, shard in strategy.synthetic.items():
         name = safe_filename(strategy.clients[nid].domain)
         try:
-            _grid_png(*shard.load(), _inside(run_dir, f"synthetic_{name}_node{int(nid)}.png"))
+            class_grid(*shard.load()).save(_inside(run_dir, f"synthetic_{name}_node{int(nid)}.png"))
         except Exception as err:  # noqa: BLE001 - a picture is not worth the run
             log.warning("node %s: no synthetic image grid (%s: %s)", nid, type(err).__name__, safe_text(str(err)))
     if strategy.classifier is None:

@@ -35,10 +35,11 @@ from typing import TypeVar
 import torch
 
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.federation.payload import ClientPayload, safe_text
+from fedbip_flower.federation.payload import safe_text
 from fedbip_flower.federation.synthetic_set import Shard, SyntheticSet, SyntheticStore
 from fedbip_flower.federation.trust import Screening, screen_uploads
 from fedbip_flower.method.synthesize import synthesize_client
+from fedbip_flower.method.upload import ClientPayload
 from fedbip_flower.models.classifier import train_classifier
 from fedbip_flower.models.ldm import LDMComponents
 

@@ -45,7 +45,6 @@ from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.federation.payload import (
     META,
     UPLOAD,
-    ClientPayload,
     Expected,
     PayloadError,
     safe_text,
@@ -53,6 +52,7 @@ from fedbip_flower.federation.payload import (
 )
 from fedbip_flower.federation.server_pipeline import build_global_model, synthesize_upload
 from fedbip_flower.federation.synthetic_set import Shard, SyntheticStore
+from fedbip_flower.method.upload import ClientPayload
 from fedbip_flower.models.classifier import state_to_cpu
 from fedbip_flower.models.ldm import LDMComponents
 

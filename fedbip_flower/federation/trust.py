@@ -62,7 +62,8 @@ from typing import TypeVar
 import torch
 
 from fedbip_flower.config import FedBiPConfig
-from fedbip_flower.federation.payload import ClientPayload, safe_text
+from fedbip_flower.federation.payload import safe_text
+from fedbip_flower.method.upload import ClientPayload
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)

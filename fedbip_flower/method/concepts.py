@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fedbip_flower.method.embeddings import PromptLayout
+from fedbip_flower.method.upload import prompt_layout
 
 MANIFEST = "concepts.json"
 
@@ -180,8 +181,6 @@ class Concepts(nn.Module):
     @classmethod
     def from_payload(cls, payload, tokenizer) -> Concepts:
         """An upload's concepts as the server uses them (fixed, on the CPU)."""
-        from fedbip_flower.federation.payload import prompt_layout
-
         return cls(
             prompt_layout(tokenizer, payload),
             payload.s,
@@ -308,7 +307,7 @@ def textual_inversion_tokens(site: str, class_names: list[str], class_ids: list[
 def export_textual_inversion(payload, folder: str | Path, site: str | None = None) -> dict:
     """Write a site's input-injected concepts as diffusers textual-inversion embeddings.
 
-    ``payload`` is the site's :class:`~fedbip_flower.federation.payload.ClientPayload`. One
+    ``payload`` is the site's :class:`~fedbip_flower.method.upload.ClientPayload`. One
     ``.safetensors`` file per token, each a dict {token: tensor (n, D)} (diffusers' format
     holds one token per file; a token with n > 1 vectors loads as a multi-vector token):
     S as ``<site-domain>`` and each class's V as ``<site-class>``. ``concepts.json`` lists

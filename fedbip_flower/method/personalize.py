@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from fedbip_flower.config import ClientConfig
 from fedbip_flower.data.loading import ClientData
-from fedbip_flower.federation.payload import ClientPayload
 from fedbip_flower.method import embeddings
 from fedbip_flower.method.concepts import Concepts
+from fedbip_flower.method.upload import ClientPayload
 from fedbip_flower.models.ldm import LDMComponents
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fedbip_flower.config import ServerConfig
-from fedbip_flower.federation.payload import ClientPayload
 from fedbip_flower.method import embeddings
 from fedbip_flower.method.concepts import Concepts
 from fedbip_flower.method.pipeline import FedBiPSynthesisPipeline
+from fedbip_flower.method.upload import ClientPayload
 from fedbip_flower.models.ldm import LDMComponents
 
 log = logging.getLogger(__name__)

@@ -38,9 +38,9 @@ import torch
 from fedbip_flower.config import FedBiPConfig, load_experiment
 from fedbip_flower.data.loading import NodeConfig, load_client_data
 from fedbip_flower.federation.client import client_seed, template_for
-from fedbip_flower.federation.payload import ClientPayload
 from fedbip_flower.federation.trust import _word_anchors
 from fedbip_flower.method.personalize import first_inference_timestep, personalize
+from fedbip_flower.method.upload import ClientPayload
 from fedbip_flower.models.classifier import evaluate
 from fedbip_flower.models.ldm import load_server_components
 

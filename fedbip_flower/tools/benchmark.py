@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from fedbip_flower.config import ConfigError, FedBiPConfig, load_experiment
 from fedbip_flower.data.loading import ClientData, NodeConfig, load_client_data
 from fedbip_flower.federation.client import client_seed, template_for
-from fedbip_flower.federation.payload import UPLOAD, ClientPayload, validate_reply
+from fedbip_flower.federation.payload import UPLOAD, to_record_dict, validate_reply
 from fedbip_flower.federation.server_pipeline import GlobalModel, build_global_model
 from fedbip_flower.federation.strategy import expected_for
 from fedbip_flower.method.personalize import encode_images, first_inference_timestep, personalize
 from fedbip_flower.method.synthesize import synthesize_client, synthesize_from_prompts
+from fedbip_flower.method.upload import ClientPayload
 from fedbip_flower.models.classifier import build_classifier, evaluate, state_to_cpu, train_classifier
 from fedbip_flower.models.ldm import load_server_components
 
@@ -175,7 +176,7 @@ def fedbip_server(
     shared server pipeline builds the global model. Returns it and the upload sizes in bytes.
 
     Every upload must pass (a benchmark client is honest): a bad one raises."""
-    records = [p.to_record_dict() for p in payloads]
+    records = [to_record_dict(p) for p in payloads]
     expected = expected_for(comps, cfg)
     uploads = {k: validate_reply(r, expected) for k, r in enumerate(records)}
     built = build_global_model(comps, uploads, cfg, progress=progress)

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedbip_flower.federation.payload import META, METRICS, UPLOAD, ClientPayload
+from fedbip_flower.federation.payload import META, METRICS, UPLOAD, to_record_dict
+from fedbip_flower.method.upload import ClientPayload
 
 log = logging.getLogger(__name__)
 SKIPPED: Counter = Counter()  # mutations that could not be applied (the record types refused them)
@@ -474,7 +475,7 @@ def fuzzed_content(src: Source, model: Model, seed: int) -> RecordDict | Error:
     """A mutated upload (or, now and then, an error reply with a hostile reason)."""
     if src.integer(0, 24) == 0:
         return Error(code=src.choice([0, 2, 3, -1, 2**31]), reason=src.text(500))
-    rd = honest_payload(model, seed, n=src.integer(1, 8)).to_record_dict()
+    rd = to_record_dict(honest_payload(model, seed, n=src.integer(1, 8)))
     pool = (m_benign,) if src.integer(0, 3) == 0 else (*MUTATIONS, m_benign)
     for _ in range(src.integer(1, 4)):
         mutation = src.choice(pool)
@@ -622,7 +623,7 @@ def try_full_round(strategy, model: Model, content: RecordDict | Error, seed: in
     strategy.clients = {nid: ClientRecord(nid) for nid in msgs}
     strategy.accepted, strategy.synthetic, strategy._sent = {}, {}, list(msgs.values())
     replies = [
-        _reply(honest_payload(model, seed + k, domain=d).to_record_dict(), msgs[nid])
+        _reply(to_record_dict(honest_payload(model, seed + k, domain=d)), msgs[nid])
         for k, (nid, d) in enumerate([(1, "medical"), (2, "thermal")])
     ]
     replies.append(_reply(content, msgs[3]))

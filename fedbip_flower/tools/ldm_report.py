@@ -41,6 +41,7 @@ from fedbip_flower.method.personalize import encode_images
 from fedbip_flower.method.synthesize import synthesize_from_prompts
 from fedbip_flower.models.classifier import evaluate, train_classifier
 from fedbip_flower.models.ldm import load_components
+from fedbip_flower.pictures import image_grid
 from fedbip_flower.tools.pretrain import PROMPT
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _code_images(styles, per_class, seed, combos=(), framing="standard"):
 
 def _grid(x: torch.Tensor, rows: int, cols: int, per_pair: int, path: Path) -> None:
     tiles = [x[i * per_pair].permute(1, 2, 0).numpy() for i in range(rows * cols)]
-    img = shapes.image_grid(tiles, rows, cols)
+    img = image_grid(tiles, rows, cols)
     img.resize((img.width * 3, img.height * 3), 0).save(path)
 
 
@@ -286,7 +287,7 @@ def concept_recovery(
         order = torch.argsort(y, stable=True)
         tiles += [x[order][i * shots].permute(1, 2, 0).numpy() for i in range(len(shapes.CLASSES))]
     if grid is not None and tiles:
-        img = shapes.image_grid(tiles, len(styles), len(shapes.CLASSES))
+        img = image_grid(tiles, len(styles), len(shapes.CLASSES))
         img.resize((img.width * 3, img.height * 3), 0).save(grid)
     reach = [v for v in res.values() if not v["out_of_reach"]]
     if reach:
@@ -326,7 +327,7 @@ def report(
     _grid(xs_pre, len(pre), len(shapes.CLASSES), per_pair, out / "ldm_samples.png")
     _grid(xs_held, len(held), len(shapes.CLASSES), per_pair, out / "ldm_heldout_prompts.png")
     real_held = [shapes.render_sample(s, c, 0, seed=seed + 5, framing=framing) for s in held for c in shapes.CLASSES]
-    im = shapes.image_grid(real_held, len(held), len(shapes.CLASSES))
+    im = image_grid(real_held, len(held), len(shapes.CLASSES))
     im.resize((im.width * 3, im.height * 3), 0).save(out / "heldout_real.png")
     log.info("samples drawn (%.0f s); training the judges", time.time() - t0)
 

@@ -65,7 +65,7 @@ def phase_sites(sites: int, run_config: dict, out: Path) -> None:
     """Every site's ClientApp training logic; one saved upload per site (resumable)."""
     from fedbip_flower.config import FedBiPConfig
     from fedbip_flower.federation.client import personalize_site
-    from fedbip_flower.federation.payload import UPLOAD
+    from fedbip_flower.federation.payload import UPLOAD, to_record_dict
 
     cfg = FedBiPConfig.from_run_config(run_config)
     folder = out / "uploads"
@@ -76,7 +76,7 @@ def phase_sites(sites: int, run_config: dict, out: Path) -> None:
         if path.is_file():
             continue
         payload = personalize_site(cfg, {"partition-id": pid, "num-partitions": sites}, progress=False)
-        record = payload.to_record_dict()
+        record = to_record_dict(payload)
         upload_bytes = int(record.array_records[UPLOAD].count_bytes())
         tmp = path.with_suffix(".tmp")
         torch.save({"payload": payload, "upload_bytes": upload_bytes}, tmp)
@@ -106,7 +106,7 @@ def phase_server(sites: int, run_config: dict, out: Path) -> None:
     from safetensors.torch import save_file
 
     from fedbip_flower.config import FedBiPConfig
-    from fedbip_flower.federation.payload import validate_reply
+    from fedbip_flower.federation.payload import to_record_dict, validate_reply
     from fedbip_flower.federation.server_pipeline import build_global_model
     from fedbip_flower.federation.strategy import expected_for
     from fedbip_flower.federation.synthetic_set import SyntheticStore
@@ -120,7 +120,7 @@ def phase_server(sites: int, run_config: dict, out: Path) -> None:
     t0 = time.time()
     uploads = {}
     for pid in range(sites):
-        record = torch.load(out / "uploads" / f"site-{pid:04d}.pt", weights_only=False)["payload"].to_record_dict()
+        record = to_record_dict(torch.load(out / "uploads" / f"site-{pid:04d}.pt", weights_only=False)["payload"])
         uploads[pid] = validate_reply(record, expected)
     intake_s = time.time() - t0
     store = SyntheticStore(out / "synthetic")
