@@ -10,9 +10,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedbip_flower"
 # Each layer may import only itself and the layers before it (lower rank). At the bottom, pure
-# helpers with no package imports: the bundled benchmark's generator and the picture helpers;
+# helpers with no package imports: the bundled benchmark's generator, the picture and JSON helpers;
 # then the config (it checks data.domains against the generator's styles), then the layers.
-BOTTOM = {"fedbip_flower.data.shapes", "fedbip_flower.pictures", "fedbip_flower", "fedbip_flower.__init__"}
+BOTTOM = {
+    "fedbip_flower.data.shapes",
+    "fedbip_flower.pictures",
+    "fedbip_flower.jsonio",
+    "fedbip_flower",
+    "fedbip_flower.__init__",
+}
 RANK = {"config": 1, "data": 2, "models": 3, "method": 4, "federation": 5, "tools": 6}
 
 

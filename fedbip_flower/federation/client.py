@@ -18,6 +18,7 @@ from fedbip_flower import __version__
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.data.loading import ClientData, DataError, NodeConfig, load_client_data
 from fedbip_flower.federation.payload import META, UPLOAD, to_record_dict
+from fedbip_flower.jsonio import write_json
 from fedbip_flower.method.embeddings import PRESETS
 from fedbip_flower.method.personalize import first_inference_timestep, personalize
 from fedbip_flower.method.upload import ClientPayload
@@ -201,7 +202,7 @@ def save_site_result(
         "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "fedbip_flower_version": __version__,
     }
-    (out / "score.json").write_text(json.dumps(score, indent=2) + "\n")
+    write_json(out / "score.json", score)
     with open(out.parent / "scores.jsonl", "a") as fh:
         fh.write(json.dumps({k: score[k] for k in ("run_id", "accuracy", "num_test", "domain", "saved_at")}) + "\n")
     return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from fedbip_flower.federation.console import console_logging
 from fedbip_flower.federation.payload import safe_filename, safe_text
 from fedbip_flower.federation.strategy import FedBiPStrategy
 from fedbip_flower.federation.synthetic_set import SUBDIR as SYNTHETIC_SUBDIR
+from fedbip_flower.jsonio import write_json
 from fedbip_flower.models.ldm import load_server_components
 from fedbip_flower.pictures import class_grid
 
@@ -55,17 +55,6 @@ def _attach_log(path: Path) -> logging.Handler:
         if lg.level == logging.NOTSET or lg.level > logging.INFO:
             lg.setLevel(logging.INFO)
     return handler
-
-
-def json_safe(obj):
-    """``obj`` with non-finite floats as None: results.json must be valid JSON (no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def results_dict(
@@ -128,7 +117,7 @@ def unscored_explanation(strategy: FedBiPStrategy, classifier_path: Path | None)
 
 
 def _write_results(run_dir: Path, res: dict) -> None:
-    (run_dir / "results.json").write_text(json.dumps(json_safe(res), indent=2, allow_nan=False))
+    write_json(run_dir / "results.json", res)
 
 
 def run_server(grid: Grid, run_config: dict[str, Any], run_id: Any = 0, progress: bool = True) -> dict:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedbip_flower.jsonio import write_json
 from fedbip_flower.method.embeddings import PromptLayout
 from fedbip_flower.method.upload import prompt_layout
 
@@ -363,7 +364,7 @@ def export_textual_inversion(payload, folder: str | Path, site: str | None = Non
             for k, (cid, name, tok) in enumerate(zip(class_ids, names, class_tokens, strict=True))
         ],
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    write_json(folder / MANIFEST, manifest, ensure_ascii=False)
     return manifest
 
 

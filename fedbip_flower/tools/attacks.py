@@ -39,6 +39,7 @@ from fedbip_flower.config import FedBiPConfig, load_experiment
 from fedbip_flower.data.loading import NodeConfig, load_client_data
 from fedbip_flower.federation.client import client_seed, template_for
 from fedbip_flower.federation.trust import _word_anchors
+from fedbip_flower.jsonio import write_json
 from fedbip_flower.method.personalize import first_inference_timestep, personalize
 from fedbip_flower.method.upload import ClientPayload
 from fedbip_flower.models.classifier import evaluate
@@ -204,7 +205,7 @@ def screen_only(settings: list[str], seeds: list[int], extra: dict, out: Path) -
             screened = screen_uploads(ctx.comps, ups, client_order(ups), ctx.cfg)
             for k, s in screened.screening.items():
                 rows.append({"setting": setting, "seed": seed, "site": names[k], "flagged": s.flagged, **s.stats})
-    (out / "screening.json").write_text(json.dumps({"sites": rows}, indent=2))
+    write_json(out / "screening.json", {"sites": rows})
     head = "| setting | seed | site | " + " | ".join(STAT_KEYS) + " | flagged |"
     lines = [head, "|---" * (len(STAT_KEYS) + 4) + "|"]
     for r in rows:
@@ -396,7 +397,7 @@ def main(a, extra: dict) -> None:
 
     def save(key, run):
         runs[key] = run
-        path.write_text(json.dumps({"runs": runs}, indent=2, default=float))
+        write_json(path, {"runs": runs})
 
     for setting in a.settings.split(","):
         for seed in a.seeds.split(","):

@@ -38,6 +38,7 @@ from fedbip_flower.federation.client import client_seed, template_for
 from fedbip_flower.federation.payload import UPLOAD, to_record_dict, validate_reply
 from fedbip_flower.federation.server_pipeline import GlobalModel, build_global_model
 from fedbip_flower.federation.strategy import expected_for
+from fedbip_flower.jsonio import write_json
 from fedbip_flower.method.personalize import encode_images, first_inference_timestep, personalize
 from fedbip_flower.method.synthesize import synthesize_client, synthesize_from_prompts
 from fedbip_flower.method.upload import ClientPayload
@@ -404,8 +405,9 @@ def summarize(runs: list[dict]) -> dict:
                 m, {"per_domain": {}, "means": [], "bytes": [], "client_s": [], "server_s": []}
             )
             for d, a in v["accuracy"].items():
-                e["per_domain"].setdefault(d, []).append(a)
-            accs = [a for a in v["accuracy"].values() if a == a]
+                if a is not None and a == a:
+                    e["per_domain"].setdefault(d, []).append(a)
+            accs = [a for a in v["accuracy"].values() if a is not None and a == a]  # no test images: no score
             e["means"].append(sum(accs) / max(1, len(accs)))
             e["bytes"].append(statistics.mean(v["upload_bytes"]))
             e["client_s"].append(statistics.mean(v["client_seconds"]))
@@ -615,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.mode == "speed":
         r = speed(extra, a.batch, images=a.images)
-        (a.out / "speed.json").write_text(json.dumps(r, indent=2))
+        write_json(a.out / "speed.json", r)
         print(f"{r['device']}, {r['dtype']}, {r['resolution']} px, model {r['model']}")
         print(
             f"client step {r['client_step_s'] * 1000:.1f} ms vs UNet fwd+bwd {r['unet_fwd_bwd_s'] * 1000:.1f} ms "
@@ -643,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in a.seeds.split(","):
                 # Written after every method: a long run that is stopped keeps what it did.
                 def save(run, done=tuple(runs)):
-                    partial.write_text(json.dumps({"runs": [*done, run]}, indent=2, default=float))
+                    write_json(partial, {"runs": [*done, run]})
 
                 before = earlier.get((s, int(seed)))
                 methods = a.methods.split(",")
@@ -658,9 +660,7 @@ def main(argv: list[str] | None = None) -> None:
     md = to_markdown(table) + "\n" + ("Privacy audit\n\n" + privacy_markdown(runs) if audited else "")
     if any("accuracy_by_classifier_seed" in v for r in runs for v in r["methods"].values()):
         md += "\n\nClassifier seeds (same training sets)\n\n" + repeats_markdown(runs)
-    (a.out / "benchmark.json").write_text(
-        json.dumps({"runs": runs, "summary": table, "seconds": time.time() - t0}, indent=2, default=float)
-    )
+    write_json(a.out / "benchmark.json", {"runs": runs, "summary": table, "seconds": time.time() - t0})
     (a.out / "benchmark.md").write_text(md + "\n")
     print(md)
     print(f"wall time {time.time() - t0:.0f} s; written to {a.out}/benchmark.json and benchmark.md")

@@ -39,6 +39,7 @@ from pathlib import Path
 from fedbip_flower.config import DataConfig
 from fedbip_flower.data import shapes
 from fedbip_flower.data.loading import DataError, shrink_imagefolder
+from fedbip_flower.jsonio import write_json
 from fedbip_flower.tools.launch import (
     BIN,
     LaunchError,
@@ -340,7 +341,7 @@ def remember_name(flwr_home: Path, node_id: int, name: str) -> None:
     names = node_names(flwr_home)
     names[str(node_id)] = name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(names, indent=2, sort_keys=True) + "\n")
+    write_json(path, names, sort_keys=True)
 
 
 def node_names(flwr_home: Path) -> dict[str, str]:

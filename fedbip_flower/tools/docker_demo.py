@@ -47,6 +47,7 @@ from pathlib import Path
 
 import tomllib
 
+from fedbip_flower.jsonio import write_json
 from fedbip_flower.tools.deploy import (
     DeployError,
     _script,
@@ -198,7 +199,7 @@ def fill_wheelhouse(root: Path, folder: Path) -> Path:
     say(f"filling the wheelhouse {folder} with the host's pip ({len(reqs)} requirements, {len(pins)} pins)")
     cmd = [sys.executable, "-m", "pip", "download", "-q", "-d", str(folder), "-c", str(folder / "constraints.txt")]
     check(sh([*cmd, *reqs], timeout=3600, quiet=True), "pip download (the host's pip)")
-    stamp.write_text(json.dumps([reqs, pins]))
+    write_json(stamp, [reqs, pins])
     return folder
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +36,7 @@ import torch
 
 from fedbip_flower.config import ClassifierConfig, ClientConfig, DataConfig, ServerConfig
 from fedbip_flower.data import shapes
+from fedbip_flower.jsonio import write_json
 from fedbip_flower.method.personalize import encode_images
 from fedbip_flower.method.synthesize import synthesize_from_prompts
 from fedbip_flower.models.classifier import evaluate, train_classifier
@@ -368,7 +368,7 @@ def report(
         "concept_recovery": recovery,
         "seconds": round(time.time() - t0, 1),
     }
-    (out / "ldm_report.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(out / "ldm_report.json", res)
     return res
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import logging
 import random
 import shutil
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedbip_flower.data import shapes
+from fedbip_flower.jsonio import write_json
 
 log = logging.getLogger(__name__)
 PROMPT = "a {style} style of a {cls}"
@@ -74,7 +74,7 @@ def build_clip_tokenizer(max_length: int = 32):
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     tmp = Path(tempfile.mkdtemp())
-    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    write_json(tmp / "vocab.json", {t: i for i, t in enumerate(vocab)}, indent=None)
     (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = CLIPTokenizer(
         str(tmp / "vocab.json"),
@@ -270,7 +270,7 @@ def save_pipeline(out: Path, tokenizer, text_encoder, vae, unet, scheduler, meta
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "fedbip_model_card.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(tmp / "fedbip_model_card.json", meta)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

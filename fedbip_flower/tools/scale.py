@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from fedbip_flower.jsonio import write_json
+
 log = logging.getLogger(__name__)
 TEST_PER_CLASS = 32  # test images per class a site holds (with the default data.shots = 16: 48 in all)
 
@@ -98,7 +100,7 @@ def phase_sites(sites: int, run_config: dict, out: Path) -> None:
                 "latents": int(saved["payload"].labels.numel()),
             }
         )
-    (out / "sites.json").write_text(json.dumps({"sites": rows, "peak_rss_mb": _peak_rss_mb()}, indent=2))
+    write_json(out / "sites.json", {"sites": rows, "peak_rss_mb": _peak_rss_mb()})
 
 
 def phase_server(sites: int, run_config: dict, out: Path) -> None:
@@ -137,7 +139,7 @@ def phase_server(sites: int, run_config: dict, out: Path) -> None:
         "rss_after_model_mb": rss_model,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    (out / "server.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "server.json", result)
 
 
 def phase_scores(sites: int, run_config: dict, out: Path) -> None:
@@ -152,7 +154,7 @@ def phase_scores(sites: int, run_config: dict, out: Path) -> None:
         reply = run_evaluate(state, run_config, {"partition-id": pid, "num-partitions": sites})
         m = reply.metric_records["metrics"]
         scores.append({"site": pid, "accuracy": float(m["accuracy"]), "num_test": int(m["num-examples"])})
-    (out / "scores.json").write_text(json.dumps({"scores": scores}, indent=2))
+    write_json(out / "scores.json", {"scores": scores})
 
 
 PHASES = {
@@ -167,7 +169,7 @@ def run_size(sites: int, extra: dict, out: Path, resume: bool, threads: int) -> 
     folder = out / f"sites-{sites:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     run_config = run_config_for(sites, extra)
-    (folder / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    write_json(folder / "run_config.json", run_config)
     walls = {}
     for name, (_, result) in PHASES.items():
         if resume and (folder / result).is_file():
@@ -281,7 +283,7 @@ def main(a, extra: dict) -> None:
     rows = []
     for n in sizes:
         rows.append(run_size(n, extra, a.out, a.resume, a.threads))
-        (a.out / "scale.json").write_text(json.dumps({"rows": rows, "run_config": extra}, indent=2))
+        write_json(a.out / "scale.json", {"rows": rows, "run_config": extra})
     md = to_markdown(rows) + "\n\n" + "\n".join(f"- {t}" for t in targets(rows))
     (a.out / "scale.md").write_text(md + "\n")
     (a.out / "scale.json").write_text(
