@@ -223,6 +223,7 @@ def simulate(
     cpus_per_client: int = 1,
     timeout: float = 3600,
     echo: bool = True,
+    gpus_per_client: float = 0.0,
 ) -> tuple[dict, dict]:
     """Run the app in simulation; returns (run record, results.json). Raises on failure."""
     tmp = None
@@ -249,6 +250,8 @@ def simulate(
             wait_for_port(port, link)
             rc = f"output-dir='{output_dir}'" + (f" {run_config}" if run_config else "")
             fed = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+            if gpus_per_client:
+                fed += f" client-resources-num-gpus={gpus_per_client}"
             run_id, _ = flwr_run(app, "fedbip-sim", env, rc, fed, timeout, echo)
             run = run_status(run_id, "fedbip-sim", env)
     finally:
@@ -298,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--num-supernodes", type=int, default=None, help="default: the run config's min-clients")
     p.add_argument("--cpus-per-client", type=int, default=1)
+    p.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share of each simulated client, e.g. 0.25")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
     p.add_argument("--run-config", default="", help='extra --run-config overrides, e.g. "seed=1"')
     p.add_argument("--timeout", type=float, default=3600)
@@ -320,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             run_config,
             a.output_dir,
             cpus_per_client=a.cpus_per_client,
+            gpus_per_client=a.gpus_per_client,
             timeout=a.timeout,
         )
     except LaunchError as err:
