@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-_ids = itertools.count(1)
+from fedbip_flower.tools import fuzz
 
 
 def set_task_identity() -> None:
@@ -23,18 +21,7 @@ def set_task_identity() -> None:
 
 def instruction(content: RecordDict, message_type: str, dst: int) -> Message:
     """A server->client message with explicit metadata, as the SuperLink would deliver it."""
-    md = Metadata(
-        run_id=1,
-        message_id=f"m{next(_ids)}",
-        src_node_id=1,
-        dst_node_id=dst,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=md)
+    return fuzz.instruction(dst, message_type, content)
 
 
 class FakeGrid(Grid):

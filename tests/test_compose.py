@@ -26,6 +26,8 @@ from flwr.common.config import parse_config_args
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from tests.helpers import flag as value_of
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER_DIR = ROOT / "docker"
 COMPOSE = DOCKER_DIR / "compose.yml"
@@ -72,14 +74,6 @@ def _validate(path: Path) -> subprocess.CompletedProcess[str]:
 def _load(path: Path) -> dict:
     with path.open(encoding="utf-8") as file:
         return yaml.safe_load(file)
-
-
-def _flag(command: list[str], name: str) -> str:
-    """Return the value following ``name`` in a command list."""
-    assert name in command, f"{name} missing from {command}"
-    index = command.index(name)
-    assert index + 1 < len(command), f"{name} has no value in {command}"
-    return str(command[index + 1])
 
 
 def _mounts(service: dict) -> dict[str, dict]:
@@ -156,7 +150,7 @@ def _dockerfile_args(instructions: list[tuple[str, str]]) -> dict[str, str]:
 
 def _node_config(command: list[str]) -> dict:
     """Parse --node-config with the parser flower-supernode uses."""
-    return parse_config_args([_flag(command, "--node-config")])
+    return parse_config_args([value_of(command, "--node-config")])
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +206,10 @@ def test_superlink_command(compose: dict) -> None:
     command = superlink["command"]
     assert superlink["image"].startswith("flwr/superlink:")
     assert "--insecure" in command
-    assert _flag(command, "--isolation") == "process"
+    assert value_of(command, "--isolation") == "process"
     assert "--disable-runtime-dependency-installation" in command
-    assert _flag(command, "--host") == "0.0.0.0"
-    assert _flag(command, "--port") == "8000"
+    assert value_of(command, "--host") == "0.0.0.0"
+    assert value_of(command, "--port") == "8000"
     assert "8000:8000" in [str(p) for p in superlink["ports"]]
 
 
@@ -224,7 +218,7 @@ def test_serverapp_superexec(compose: dict) -> None:
     command = service["command"]
     assert service["build"]["dockerfile"] == "docker/Dockerfile"
     assert "--insecure" in command
-    assert _flag(command, "--runtime-api-address") == "superlink:8000"
+    assert value_of(command, "--runtime-api-address") == "superlink:8000"
     mounts = _mounts(service)
     assert "/outputs" in mounts and not mounts["/outputs"].get("read_only", False)
     assert mounts["/models"]["read_only"] is True
@@ -240,10 +234,10 @@ def test_site_pairs_supernode_with_clientapp_superexec(compose: dict, site: int)
     node_cmd = supernode["command"]
     assert supernode["image"].startswith("flwr/supernode:")
     assert "--insecure" in node_cmd
-    assert _flag(node_cmd, "--superlink") == "superlink:8000"
-    assert _flag(node_cmd, "--isolation") == "process"
-    assert _flag(node_cmd, "--host") == "0.0.0.0"
-    port = _flag(node_cmd, "--port")
+    assert value_of(node_cmd, "--superlink") == "superlink:8000"
+    assert value_of(node_cmd, "--isolation") == "process"
+    assert value_of(node_cmd, "--host") == "0.0.0.0"
+    port = value_of(node_cmd, "--port")
     assert _node_config(node_cmd) == {
         "data-dir": "/data",
         "partition-id": site - 1,
@@ -253,7 +247,7 @@ def test_site_pairs_supernode_with_clientapp_superexec(compose: dict, site: int)
     app_cmd = clientapp["command"]
     assert clientapp["build"]["dockerfile"] == "docker/Dockerfile"
     assert "--insecure" in app_cmd
-    assert _flag(app_cmd, "--runtime-api-address") == f"supernode-{site}:{port}"
+    assert value_of(app_cmd, "--runtime-api-address") == f"supernode-{site}:{port}"
     assert f"supernode-{site}" in clientapp["depends_on"]
 
     # The ClientApp runs in the SuperExec container, so the data lives there.
@@ -485,11 +479,11 @@ def test_tls_superlink(compose: dict, compose_tls: dict) -> None:
     assert "--insecure" not in command
     assert "--enable-supernode-auth" in command
     assert "--disable-runtime-dependency-installation" in command
-    assert _flag(command, "--isolation") == "process"
-    assert _flag(command, "--host") == "0.0.0.0"
+    assert value_of(command, "--isolation") == "process"
+    assert value_of(command, "--host") == "0.0.0.0"
     mounts = _mounts(superlink)
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--superexec-auth-secret-file"):
-        path = _flag(command, flag)
+        path = value_of(command, flag)
         assert path in mounts and mounts[path]["read_only"] is True
 
 
@@ -498,14 +492,14 @@ def test_tls_serverapp_superexec_trusts_the_ca(compose: dict, compose_tls: dict)
     command = service["command"]
     # The SuperLink's Runtime API shares the TLS port: no --insecure here.
     assert "--insecure" not in command
-    assert _flag(command, "--runtime-api-address") == "superlink:8000"
-    ca_path = _flag(command, "--root-certificates")
+    assert value_of(command, "--runtime-api-address") == "superlink:8000"
+    ca_path = value_of(command, "--root-certificates")
     assert _mounts(service)[ca_path]["source"].endswith("ca.crt")
     assert "/outputs" in _mounts(service)  # base mounts survive the override
     # The same shared secret as the SuperLink: the Runtime API is on the public port.
     link = _merge(compose, compose_tls)["superlink"]
-    secret = _mounts(service)[_flag(command, "--superexec-auth-secret-file")]
-    link_secret = _mounts(link)[_flag(link["command"], "--superexec-auth-secret-file")]
+    secret = _mounts(service)[value_of(command, "--superexec-auth-secret-file")]
+    link_secret = _mounts(link)[value_of(link["command"], "--superexec-auth-secret-file")]
     assert secret["source"] == link_secret["source"] and secret["read_only"] is True
 
 
@@ -517,13 +511,13 @@ def test_tls_supernode_authenticates(compose: dict, compose_tls: dict, site: int
     mounts = _mounts(merged[f"supernode-{site}"])
 
     assert "--insecure" not in command
-    assert _flag(command, "--superlink") == "superlink:8000"
-    assert mounts[_flag(command, "--root-certificates")]["source"].endswith("ca.crt")
-    key = mounts[_flag(command, "--auth-supernode-private-key")]
+    assert value_of(command, "--superlink") == "superlink:8000"
+    assert mounts[value_of(command, "--root-certificates")]["source"].endswith("ca.crt")
+    key = mounts[value_of(command, "--auth-supernode-private-key")]
     assert key["source"].endswith(f"node{site}") and key["read_only"] is True
     # `command` is replaced, not merged: the rest must match compose.yml.
     for flag in ("--isolation", "--host", "--port", "--node-config"):
-        assert _flag(command, flag) == _flag(base_cmd, flag)
+        assert value_of(command, flag) == value_of(base_cmd, flag)
 
 
 def test_tls_supernodes_use_distinct_keys(compose: dict, compose_tls: dict) -> None:
@@ -531,7 +525,7 @@ def test_tls_supernodes_use_distinct_keys(compose: dict, compose_tls: dict) -> N
     sources = set()
     for n in SITES:
         command = merged[f"supernode-{n}"]["command"]
-        key_path = _flag(command, "--auth-supernode-private-key")
+        key_path = value_of(command, "--auth-supernode-private-key")
         sources.add(_mounts(merged[f"supernode-{n}"])[key_path]["source"])
     assert len(sources) == len(SITES)
 

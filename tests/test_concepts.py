@@ -9,7 +9,6 @@ import torch
 
 from fedbip_flower.config import ClientConfig
 from fedbip_flower.data.loading import ClientData
-from fedbip_flower.method import embeddings
 from fedbip_flower.method.concepts import (
     Concepts,
     ExportError,
@@ -21,10 +20,7 @@ from fedbip_flower.method.concepts import (
 )
 from fedbip_flower.method.personalize import personalize
 from fedbip_flower.tools import export_concepts
-
-
-def _layout(comps, n_s=2, n_v=1, classes=("star", "ring")):
-    return embeddings.build_layout(comps.tokenizer, "a [S] style of a [V]", n_s, n_v, "medical", list(classes))
+from tests.helpers import layout
 
 
 def _site_data() -> ClientData:
@@ -50,7 +46,7 @@ def test_enums_take_config_strings():
 
 def test_concepts_are_initial_vectors_plus_scaled_offsets(tiny_components):
     te = tiny_components.text_encoder
-    lay = _layout(tiny_components)
+    lay = layout(tiny_components)
     c = Concepts.initialise(te, lay, "input", "word", torch.Generator().manual_seed(0), torch.tensor([4, 7]))
     table = te.get_input_embeddings().weight.detach()
     torch.testing.assert_close(c.v0[0, 0], table[lay.ids[0, lay.v_pos[0]]])  # word init: the word's embedding
@@ -68,7 +64,7 @@ def test_concepts_are_initial_vectors_plus_scaled_offsets(tiny_components):
 
 def test_random_init_has_the_scale_of_the_words(tiny_components):
     te = tiny_components.text_encoder
-    lay = _layout(tiny_components, 2, 2)
+    lay = layout(tiny_components, 2, 2)
     word = Concepts.initialise(te, lay, "output", "word", torch.Generator().manual_seed(0))
     rand = Concepts.initialise(te, lay, "output", "random", torch.Generator().manual_seed(0))
     assert not torch.allclose(word.v0, rand.v0)
@@ -76,7 +72,7 @@ def test_random_init_has_the_scale_of_the_words(tiny_components):
 
 
 def test_batch_noise_is_per_image_and_drawn_even_at_zero(tiny_components):
-    lay = _layout(tiny_components)
+    lay = layout(tiny_components)
     c = Concepts.initialise(tiny_components.text_encoder, lay, "input", "word", torch.Generator().manual_seed(0))
     rows = torch.tensor([1, 0, 1])
     s, v = c.batch(rows)
@@ -92,7 +88,7 @@ def test_batch_noise_is_per_image_and_drawn_even_at_zero(tiny_components):
 
 def test_output_injection_reuses_the_natural_prompt_outputs(tiny_components):
     te = tiny_components.text_encoder
-    lay = _layout(tiny_components)
+    lay = layout(tiny_components)
     c = Concepts.initialise(te, lay, "output", "word", torch.Generator().manual_seed(0))
     with torch.no_grad():
         natural = te(lay.ids)[0]

@@ -55,6 +55,7 @@ from fedbip_flower.tools.deploy import (
     write_site,
 )
 from fedbip_flower.tools.launch import find_results, free_port
+from tests.helpers import flag
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = (1, 2, 3)
@@ -167,11 +168,6 @@ def deployment(tmp_path_factory) -> SimpleNamespace:
 
 
 # ----------------------------------------------------------------------------- fast checks
-def _flag(argv: list[str], name: str) -> str:
-    assert name in argv, f"{name} missing from {argv}"
-    return argv[argv.index(name) + 1]
-
-
 def test_site_folder(tmp_path: Path) -> None:
     from fedbip_flower.config import FedBiPConfig
     from fedbip_flower.data.loading import NodeConfig, load_client_data
@@ -233,11 +229,11 @@ def test_commands_match_the_compose_topology(tmp_path: Path) -> None:
     link, execr = cmds["superlink"], cmds["superexec-serverapp"]
     assert "--insecure" not in link and "--enable-supernode-auth" in link
     assert "--disable-runtime-dependency-installation" in link
-    assert _flag(link, "--isolation") == "process" and _flag(link, "--port") == "8443"
-    assert _flag(link, "--ssl-certfile") == str(certs / "server.pem")
-    assert _flag(execr, "--root-certificates") == str(certs / "ca.crt") and "--insecure" not in execr
-    assert _flag(execr, "--runtime-api-address") == "127.0.0.1:8443"
-    assert _flag(link, "--superexec-auth-secret-file") == _flag(execr, "--superexec-auth-secret-file")
+    assert flag(link, "--isolation") == "process" and flag(link, "--port") == "8443"
+    assert flag(link, "--ssl-certfile") == str(certs / "server.pem")
+    assert flag(execr, "--root-certificates") == str(certs / "ca.crt") and "--insecure" not in execr
+    assert flag(execr, "--runtime-api-address") == "127.0.0.1:8443"
+    assert flag(link, "--superexec-auth-secret-file") == flag(execr, "--superexec-auth-secret-file")
 
     data = write_site(tmp_path / "data" / "site-2", "medical", per_class=1)
     (tmp_path / "node2").write_text("k")
@@ -245,15 +241,15 @@ def test_commands_match_the_compose_topology(tmp_path: Path) -> None:
         2, data, superlink="link.example.org:8443", root_cert=certs / "ca.crt", key=tmp_path / "node2", secret=secret
     )
     node, execr = cmds["supernode-2"], cmds["superexec-clientapp-2"]
-    assert _flag(node, "--superlink") == "link.example.org:8443" and "--insecure" not in node
-    assert _flag(node, "--auth-supernode-private-key") == str(tmp_path / "node2")
-    assert _flag(node, "--isolation") == "process" and _flag(node, "--port") == "9095"
-    assert parse_config_args([_flag(node, "--node-config")]) == {
+    assert flag(node, "--superlink") == "link.example.org:8443" and "--insecure" not in node
+    assert flag(node, "--auth-supernode-private-key") == str(tmp_path / "node2")
+    assert flag(node, "--isolation") == "process" and flag(node, "--port") == "9095"
+    assert parse_config_args([flag(node, "--node-config")]) == {
         "data-dir": str(data),
         "partition-id": 1,
         "num-partitions": 3,
     }
-    assert "--insecure" in execr and _flag(execr, "--runtime-api-address") == "127.0.0.1:9095"
+    assert "--insecure" in execr and flag(execr, "--runtime-api-address") == "127.0.0.1:9095"
 
     quick = superlink_commands(tmp_path / "link", certs_dir=None)["superlink"]
     assert "--insecure" in quick and "--enable-supernode-auth" not in quick

@@ -17,7 +17,6 @@ import torch
 from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedbip_flower.federation.payload import (
-    Expected,
     PayloadError,
     safe_filename,
     safe_text,
@@ -27,6 +26,7 @@ from fedbip_flower.federation.payload import (
 from fedbip_flower.federation.server import run_server
 from fedbip_flower.tools import fuzz
 from tests.fakegrid import FakeGrid, set_task_identity
+from tests.helpers import expected
 
 set_task_identity()
 DOMAINS = ("medical", "satellite", "thermal", "chalkboard")
@@ -254,7 +254,7 @@ def test_replies_from_unknown_or_repeated_nodes_are_ignored(fast_run_config, tin
     msgs = list(strategy.configure_train(1, None, ConfigRecord(), grid))
     for k, m in enumerate(msgs):  # as the Grid does when it pushes them
         m.metadata.__dict__["_message_id"] = f"id{k}"
-    stranger = fuzz._instruction(99)
+    stranger = fuzz.instruction(99)
     second = _upload(model, 2, "a second upload")
     replies = [
         Message(_upload(model, 1), reply_to=msgs[0]),
@@ -264,7 +264,7 @@ def test_replies_from_unknown_or_repeated_nodes_are_ignored(fast_run_config, tin
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert sorted(strategy.clients) == [1, 2] and metrics["num-accepted"] == 2
-    ev = strategy.aggregate_evaluate(1, [Message(_score(0.5), reply_to=fuzz._instruction(99))])
+    ev = strategy.aggregate_evaluate(1, [Message(_score(0.5), reply_to=fuzz.instruction(99))])
     assert ev is None and 99 not in strategy.clients
 
 
@@ -278,16 +278,14 @@ def test_a_crafted_evaluation_cannot_crash_aggregate_evaluate(fast_run_config, t
         outcome, _ = fuzz.try_evaluation(strategy, 500 + i, fuzz.fuzzed_evaluation(src))
         assert outcome != "crashed"
     strategy.clients = {1: ClientRecord(1, status="accepted")}
-    msg = fuzz._instruction(1, "evaluate")
+    msg = fuzz.instruction(1, "evaluate")
     strategy._sent = [msg]
     out = strategy.aggregate_evaluate(1, [Message(_score(0.9, 2**70), reply_to=msg)])
     assert out is None and "malformed test count" in strategy.clients[1].evaluation
 
 
 # ----------------------------------------------------------------------------- validation units
-EXP = Expected(
-    model_fingerprint="fp", latent_channels=4, latent_size=16, hidden_size=16, max_bytes=2**22, max_images=1000
-)
+EXP = expected()
 MODEL = fuzz.Model("fp", 4, 16, 16)
 
 
@@ -333,13 +331,8 @@ def test_validation_bounds_strings_lists_and_metrics(case):
 
 
 def test_validation_lays_out_the_prompts_with_the_servers_tokenizer(tiny_components, model):
-    exp = Expected(
+    exp = expected(
         model_fingerprint=model.fingerprint,
-        latent_channels=4,
-        latent_size=16,
-        hidden_size=16,
-        max_bytes=2**22,
-        max_images=1000,
         tokenizer=tiny_components.tokenizer,
     )
     ok = validate_reply(_upload(model, 1), exp)
@@ -368,13 +361,8 @@ def test_an_accepted_payload_synthesizes(tiny_components, model):
     from fedbip_flower.config import ServerConfig
     from fedbip_flower.method.synthesize import synthesize_client
 
-    exp = Expected(
+    exp = expected(
         model_fingerprint=model.fingerprint,
-        latent_channels=4,
-        latent_size=16,
-        hidden_size=16,
-        max_bytes=2**22,
-        max_images=1000,
         tokenizer=tiny_components.tokenizer,
     )
     rd = _upload(model, 3, domain="weird domain: ünïcode 🙂 [S] [V]")

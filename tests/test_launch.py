@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import signal
-import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from fedbip_flower.tools import launch, supervise
-
-
-def _fake_flwr(tmp_path: Path, body: str) -> Path:
-    exe = tmp_path / "flwr"
-    exe.write_text(f"#!{sys.executable}\nimport sys, time, json\n{body}\n")
-    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    return tmp_path
+from tests.helpers import fake_flwr
 
 
 def test_run_status_reads_the_finished_run(tmp_path, monkeypatch):
     runs = {"runs": [{"run-id": "7", "status": "finished:failed"}, {"run-id": "8", "status": "running"}]}
-    monkeypatch.setattr(launch, "BIN", _fake_flwr(tmp_path, f"print(json.dumps({runs!r}))"))
+    monkeypatch.setattr(launch, "BIN", fake_flwr(tmp_path, f"print(json.dumps({runs!r}))"))
     assert launch.run_status(7, "c", {}, wait=5)["status"] == "finished:failed"
 
 
 def test_run_status_unreadable_answer_is_a_launch_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch, "BIN", _fake_flwr(tmp_path, "print('not json'); sys.exit(1)"))
+    monkeypatch.setattr(launch, "BIN", fake_flwr(tmp_path, "print('not json'); sys.exit(1)"))
     t0 = time.time()
     with pytest.raises(launch.LaunchError, match="cannot read the status of run 3: not json"):
         launch.run_status(3, "c", {}, wait=3)
@@ -36,7 +28,7 @@ def test_run_status_unreadable_answer_is_a_launch_error(tmp_path, monkeypatch):
 
 
 def test_run_status_hanging_flwr_is_a_launch_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch, "BIN", _fake_flwr(tmp_path, "time.sleep(60)"))
+    monkeypatch.setattr(launch, "BIN", fake_flwr(tmp_path, "time.sleep(60)"))
     real_run = subprocess.run
     monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: real_run(*a, **{**k, "timeout": 1}))
     with pytest.raises(launch.LaunchError, match="did not answer"):

@@ -9,10 +9,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedbip_flower.federation.payload import Expected, PayloadError, to_record_dict, validate_reply
 from fedbip_flower.method.upload import ClientPayload
+from tests.helpers import expected
 
-EXP = Expected(
-    model_fingerprint="abc", latent_channels=4, latent_size=16, hidden_size=16, max_bytes=2**22, max_images=1000
-)
+EXP = expected(model_fingerprint="abc")
 
 
 def _payload(n=6) -> ClientPayload:

@@ -6,7 +6,6 @@ import torch
 
 from fedbip_flower.config import ClientConfig
 from fedbip_flower.federation.client import run_train
-from fedbip_flower.method import embeddings
 from fedbip_flower.method.concepts import Concepts
 from fedbip_flower.method.personalize import (
     encode_images,
@@ -15,15 +14,12 @@ from fedbip_flower.method.personalize import (
     noised_latents,
     train_concepts,
 )
-
-
-def _layout(comps, n_s=2, n_v=1):
-    return embeddings.build_layout(comps.tokenizer, "a [S] style of a [V]", n_s, n_v, "medical", ["star", "ring"])
+from tests.helpers import layout
 
 
 def test_layout_puts_natural_words_in_the_slots(tiny_components):
     tok = tiny_components.tokenizer
-    lay = _layout(tiny_components)
+    lay = layout(tiny_components)
     assert lay.ids.shape == (2, tok.model_max_length)
     assert lay.s_pos.tolist() == [2, 3] and lay.v_pos.tolist() == [7]
     plain = tok("a medical style of a star").input_ids
@@ -33,7 +29,7 @@ def test_layout_puts_natural_words_in_the_slots(tiny_components):
 
 def test_input_injection_only_changes_slots_and_leaves_the_encoder_frozen(tiny_components):
     te = tiny_components.text_encoder
-    lay = _layout(tiny_components)
+    lay = layout(tiny_components)
     before = {k: v.clone() for k, v in te.state_dict().items()}
     c = Concepts.initialise(te, lay, "input", "word", torch.Generator().manual_seed(0))
     s, v = c.vectors()
@@ -54,7 +50,7 @@ def test_input_injection_only_changes_slots_and_leaves_the_encoder_frozen(tiny_c
 
 def test_output_injection_overwrites_output_positions(tiny_components):
     te = tiny_components.text_encoder
-    lay = _layout(tiny_components)
+    lay = layout(tiny_components)
     s = torch.full((2, 2, te.config.hidden_size), 3.0)
     v = torch.full((2, 1, te.config.hidden_size), -3.0)
     c = Concepts(lay, s[0], v, "output", learnable=False)
@@ -97,7 +93,7 @@ def test_concept_training_moves_only_s_and_v(tiny_components):
     z0 = encode_images(comps, imgs)
     assert z0.shape == (6, 4, 16, 16)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    lay = _layout(comps, 1, 1)
+    lay = layout(comps, 1, 1)
     c = Concepts.initialise(
         comps.text_encoder, lay, "input", "word", torch.Generator().manual_seed(0), torch.tensor([0, 1])
     )
@@ -137,7 +133,7 @@ def test_concept_step_size_is_relative_to_the_embedding_scale(tiny_components):
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     classes = torch.tensor([0, 1])
     for injection in ("input", "output"):
-        lay = _layout(comps, 1, 1)
+        lay = layout(comps, 1, 1)
         c = Concepts.initialise(comps.text_encoder, lay, injection, "word", torch.Generator().manual_seed(0), classes)
         s, v = c.vectors()
         rms = torch.cat([s.flatten(), v.flatten()]).pow(2).mean().sqrt()

@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedbip_flower.tools import deploy, launch, supervise
+from tests.helpers import fake_flwr
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -46,13 +46,6 @@ def _grandchild(log: Path) -> int:
             return int(m.group(1))
         time.sleep(0.1)
     raise AssertionError("the family did not start")
-
-
-def _fake_flwr(tmp_path: Path, body: str) -> Path:
-    exe = tmp_path / "flwr"
-    exe.write_text(f"#!{sys.executable}\nimport sys, time, json\n{body}\n")
-    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    return tmp_path
 
 
 def test_a_stop_reaches_children_detached_into_their_own_session(tmp_path):
@@ -92,7 +85,7 @@ def test_no_process_outlives_a_sigkilled_launcher(tmp_path):
 
 
 def test_flwr_run_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch, "BIN", _fake_flwr(tmp_path, "time.sleep(600)"))
+    monkeypatch.setattr(launch, "BIN", fake_flwr(tmp_path, "time.sleep(600)"))
     t0 = time.time()
     with pytest.raises(launch.LaunchError, match="started no run \\(timed out after 2 s\\)"):
         launch.flwr_run(tmp_path, "c", {}, timeout=2, echo=False)
@@ -101,14 +94,14 @@ def test_flwr_run_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypa
 
 def test_flwr_run_stops_following_a_stream_at_the_timeout(tmp_path, monkeypatch):
     body = "print('Successfully started run 42', flush=True); time.sleep(600)"
-    monkeypatch.setattr(launch, "BIN", _fake_flwr(tmp_path, body))
+    monkeypatch.setattr(launch, "BIN", fake_flwr(tmp_path, body))
     t0 = time.time()
     run_id, text = launch.flwr_run(tmp_path, "c", {}, timeout=2, echo=False)
     assert run_id == 42 and "Successfully" in text and time.time() - t0 < 20
 
 
 def test_flwr_cli_calls_are_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr(deploy, "BIN", _fake_flwr(tmp_path, "time.sleep(600)"))
+    monkeypatch.setattr(deploy, "BIN", fake_flwr(tmp_path, "time.sleep(600)"))
     t0 = time.time()
     with pytest.raises(deploy.DeployError, match="did not answer in 1 s"):
         deploy.flwr_cli(["supernode", "ls"], {}, timeout=1)

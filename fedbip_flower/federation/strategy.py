@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,18 +192,7 @@ class FedBiPStrategy(Strategy):
         """Intake of the upload round: each reply is validated on its own; whatever it holds,
         a bad one only rejects its node (with a logged reason naming it)."""
         seen: set[int] = set()
-        for rep in replies:
-            try:
-                nid = self._sender(rep)
-            except Exception as err:  # noqa: BLE001 - a reply without usable metadata
-                log.warning("ignored a reply without a readable sender: %s", safe_text(repr(err)))
-                continue
-            if nid not in self.clients:
-                log.warning("ignored an upload from node %s, which was sent no instruction", nid)
-                continue
-            if nid in seen:
-                log.warning("ignored a second upload from node %s", nid)
-                continue
+        for nid, rep in self._distinct(replies, "upload", "instruction"):
             seen.add(nid)
             try:
                 self.intake(nid, rep)
@@ -213,6 +202,24 @@ class FedBiPStrategy(Strategy):
             if nid not in seen:
                 self._reject(nid, self.stopped_early or "no reply before the round timeout (node lost or too slow)")
         self._agree_on_classes()
+
+    def _distinct(self, replies: Iterable[Message], what: str, sent: str) -> Iterator[tuple[int, Message]]:
+        """(node id, reply) for the first reply of each node that was sent the ``sent``; a reply
+        without a readable sender, from a node sent nothing, or repeated is logged and skipped."""
+        seen: set[int] = set()
+        for rep in replies:
+            try:
+                nid = self._sender(rep)
+            except Exception as err:  # noqa: BLE001 - a reply without usable metadata
+                log.warning("ignored an %s reply without a readable sender: %s", what, safe_text(repr(err)))
+                continue
+            if nid not in self.clients:
+                log.warning("ignored an %s from node %s, which was sent no %s", what, nid, sent)
+            elif nid in seen:
+                log.warning("ignored a second %s from node %s", what, nid)
+            else:
+                seen.add(nid)
+                yield nid, rep
 
     def intake(self, nid: int, rep: Message) -> ClientPayload | None:
         """Validate node ``nid``'s upload and record it as accepted, or reject it (returns None).
@@ -346,20 +353,7 @@ class FedBiPStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each node's score; a malformed or failed reply is logged (naming the node)
         and ignored. Returns the mean over accepted sites, or None if none of them scored."""
-        seen: set[int] = set()
-        for rep in replies:
-            try:
-                nid = self._sender(rep)
-            except Exception as err:  # noqa: BLE001
-                log.warning("ignored an evaluation reply without a readable sender: %s", safe_text(repr(err)))
-                continue
-            if nid not in self.clients:
-                log.warning("ignored an evaluation from node %s, which was sent no classifier", nid)
-                continue
-            if nid in seen:
-                log.warning("ignored a second evaluation from node %s", nid)
-                continue
-            seen.add(nid)
+        for nid, rep in self._distinct(replies, "evaluation", "classifier"):
             try:
                 self.record_evaluation(nid, rep)
             except Exception as err:  # noqa: BLE001 - never let one reply stop the run

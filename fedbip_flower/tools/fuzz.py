@@ -522,8 +522,9 @@ class _Catch(logging.Handler):
 _ids = iter(range(1, 2**62))
 
 
-def _instruction(nid: int, kind: str = "train") -> Message:
-    """A server->node message with the metadata the SuperLink would give it."""
+def instruction(nid: int, kind: str = "train", content: RecordDict | None = None) -> Message:
+    """A server->node message with the metadata the SuperLink would give it (also the fake
+    Grid's, in the tests)."""
     md = Metadata(
         run_id=1,
         message_id=f"fuzz{next(_ids)}",
@@ -535,7 +536,7 @@ def _instruction(nid: int, kind: str = "train") -> Message:
         ttl=3600,
         message_type=kind,
     )
-    return Message(content=RecordDict(), metadata=md)
+    return Message(content=content if content is not None else RecordDict(), metadata=md)
 
 
 def _reply(content: RecordDict | Error, to: Message) -> Message:
@@ -564,7 +565,7 @@ def try_upload(strategy, nid: int, content: RecordDict | Error, seed: int) -> tu
     """Feed one upload to ``strategy`` as a round's only reply; returns (outcome, detail)."""
     from fedbip_flower.federation.strategy import ClientRecord
 
-    msg = _instruction(nid)
+    msg = instruction(nid)
     strategy.clients = {nid: ClientRecord(nid)}
     strategy.accepted, strategy.synthetic, strategy._sent = {}, {}, [msg]
     catch = _Catch()
@@ -602,7 +603,7 @@ def try_evaluation(strategy, nid: int, content: RecordDict | Error) -> tuple[str
     """Feed one evaluation reply to ``aggregate_evaluate``; returns (outcome, detail)."""
     from fedbip_flower.federation.strategy import ClientRecord
 
-    msg = _instruction(nid, "evaluate")
+    msg = instruction(nid, "evaluate")
     strategy.clients = {nid: ClientRecord(nid, status="accepted")}
     strategy._sent = [msg]
     try:
@@ -619,7 +620,7 @@ def try_full_round(strategy, model: Model, content: RecordDict | Error, seed: in
     """``aggregate_train`` with the fuzzed reply beside two honest ones (min-clients 2)."""
     from fedbip_flower.federation.strategy import ClientRecord
 
-    msgs = {nid: _instruction(nid) for nid in (1, 2, 3)}
+    msgs = {nid: instruction(nid) for nid in (1, 2, 3)}
     strategy.clients = {nid: ClientRecord(nid) for nid in msgs}
     strategy.accepted, strategy.synthetic, strategy._sent = {}, {}, list(msgs.values())
     replies = [
