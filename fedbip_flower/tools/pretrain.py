@@ -19,11 +19,15 @@ model that ``--unet-steps k`` would produce (same seed, same machine).
 
 The UNet loss is weighted with Min-SNR-gamma (Hang et al., ICCV 2023; the ``--snr_gamma``
 of diffusers' text-to-image example): ``min(SNR(t), gamma) / SNR(t)`` for epsilon prediction,
-which stops the nearly-clean timesteps from dominating the gradient and converges faster.
+with SNR from ``diffusers.training_utils.compute_snr``, which stops the nearly-clean timesteps
+from dominating the gradient and converges faster. The EMA of the weights is diffusers'
+``EMAModel`` and the warm-up ``diffusers.optimization.get_constant_schedule_with_warmup``
+(the hand-written versions that trained the shipped weights ramped the rate from step 1 instead
+of 0, one step earlier; the rest is the same arithmetic).
 
 Every checkpoint also writes a training state (``.<name>.train_state.pt`` next to the output
-folder: fp32 weights, EMA, optimizer, random generator); ``--resume`` continues from it and
-gives the same weights as an uninterrupted run.
+folder: fp32 weights, EMA, optimizer, learning-rate schedule, random generator); ``--resume``
+continues from it and gives the same weights as an uninterrupted run.
 
 Usage (the shipped weights; see the model card for the exact command and its duration)::
 
@@ -48,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from fedbip_flower.data import shapes
@@ -176,11 +182,12 @@ def load_tokenizer(source: str | None, max_length: int = 32):
     return tok
 
 
-def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction (1 everywhere when gamma <= 0)."""
+def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction, from diffusers' ``compute_snr``
+    (1 everywhere when gamma <= 0), as in diffusers' text-to-image training script."""
     if gamma <= 0:
         return torch.ones(len(t))
-    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    snr = compute_snr(scheduler, t)
     return torch.clamp(snr, max=gamma) / snr
 
 
@@ -347,16 +354,19 @@ def main(argv: list[str] | None = None) -> None:
     ids_all = ids_all.input_ids
     empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = [q.detach().clone() for q in params]
+    # diffusers' training utilities: EMA with decay min(ema, (1 + k) / (10 + k)) at optimizer
+    # step k (update_after_step=-1 counts from the first step), and a linear warm-up.
+    ema = EMAModel(params, decay=a.ema, update_after_step=-1)
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-2)
+    warmup = get_constant_schedule_with_warmup(opt, num_warmup_steps=a.warmup)
     acp = train_sched.alphas_cumprod
     start = 1
     if resumed is not None:
         unet.load_state_dict(resumed["unet"])
         text_encoder.load_state_dict(resumed["text_encoder"])
         opt.load_state_dict(resumed["optimizer"])
-        for e, v in zip(ema, resumed["ema"], strict=True):
-            e.copy_(v)
+        warmup.load_state_dict(resumed["lr_scheduler"])
+        ema.load_state_dict(resumed["ema"])
         gen.set_state(resumed["generator"])
         start = resumed["step"] + 1
         t0 = time.time() - resumed["train_seconds"]
@@ -376,15 +386,11 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     def snapshot(step: int) -> None:
-        live = [q.detach().clone() for q in params]
-        with torch.no_grad():
-            for q, e in zip(params, ema, strict=True):
-                q.copy_(e)
+        ema.store(params)  # the live weights, put back after saving the EMA ones
+        ema.copy_to(params)
         meta.update(unet_steps=step, train_seconds=round(time.time() - t0))
         save_pipeline(a.output, tokenizer, text_encoder, vae, unet, infer_sched, meta)
-        with torch.no_grad():
-            for q, v in zip(params, live, strict=True):
-                q.copy_(v)
+        ema.restore(params)
         state = {
             "args": _state_args(a),
             "step": step,
@@ -393,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
             "unet": unet.state_dict(),
             "text_encoder": text_encoder.state_dict(),
             "optimizer": opt.state_dict(),
-            "ema": ema,
+            "lr_scheduler": warmup.state_dict(),
+            "ema": ema.state_dict(),
             "generator": gen.get_state(),
         }
         tmp = state_path(a.output).with_suffix(".tmp")
@@ -416,17 +423,13 @@ def main(argv: list[str] | None = None) -> None:
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
         cond = text_encoder(ids)[0]
         err = F.mse_loss(unet(zt, t, cond).sample, eps, reduction="none").mean(dim=(1, 2, 3))
-        loss = (err * snr_weights(acp, t, a.snr_gamma)).mean()
+        loss = (err * snr_weights(train_sched, t, a.snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:
-            g["lr"] = a.lr * min(1.0, step / a.warmup)
         opt.step()
-        d = min(a.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, q in zip(ema, params, strict=True):
-                e.mul_(d).add_(q.detach(), alpha=1 - d)
+        warmup.step()
+        ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % a.checkpoint_every == 0 or step == a.unet_steps:
             snapshot(step)
