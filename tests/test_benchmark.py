@@ -24,6 +24,7 @@ def test_fedavg_weights():
     assert torch.allclose(out["w"], torch.full((2,), 0.75)) and out["n"] == 3
 
 
+@pytest.mark.slow
 def test_smoke_benchmark_runs_all_methods(tiny_model, tmp_path):
     extra = {**load_experiment("smoke"), "model.id": tiny_model, "data.domains": "medical,satellite"}
     seen = []

@@ -8,10 +8,13 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLING = {"launch", "deploy", "benchmark", "pretrain", "ldm_report", "fuzz", "sdarch"}
 
 
+@pytest.mark.slow
 def test_fab_holds_node_code_only_and_the_apps_import_from_it(tmp_path):
     flwr = Path(sys.executable).with_name("flwr")
     subprocess.run([str(flwr), "build", "--app", str(ROOT)], cwd=tmp_path, check=True, timeout=120, capture_output=True)

@@ -47,5 +47,6 @@ def test_processes_stops_every_process_even_one_ignoring_sigterm(tmp_path):
             time.sleep(0.1)
         # both really run, and the stubborn one has installed its SIGTERM handler
         assert "up" in procs.log("stubborn").splitlines() and stubborn.poll() is None and plain.poll() is None
+        procs.stop_all(grace=2)  # SIGTERM to both, SIGKILL after 2 s
     assert plain.poll() is not None
     assert stubborn.poll() == -signal.SIGKILL  # it ignored SIGTERM: only the kill stopped it

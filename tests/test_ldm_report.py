@@ -11,6 +11,7 @@ from fedbip_flower.data import shapes
 from fedbip_flower.tools.ldm_report import OTHER, _code_images, _judge_combos, concept_recovery, train_judges
 
 
+@pytest.mark.slow
 def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_components, tmp_path):
     judges = train_judges(0, torch.device("cpu"), per_class=1, epochs=1)
     assert 0.0 <= judges.class_ceiling <= 1.0 and 0.0 <= judges.style_ceiling <= 1.0
@@ -41,6 +42,7 @@ def test_concept_recovery_reports_learned_plain_and_oracle_prompts(tiny_componen
     assert np.isclose(both["class_accuracy"], res["medical"]["bi_level"]["both"]["class_accuracy"])
 
 
+@pytest.mark.slow
 def test_bi_level_columns_differ_in_what_they_start_from(tiny_components, monkeypatch):
     """concepts_only starts from fresh noise with the learned S and V, latents_only from the
     uploaded z(T) with the natural-word S and V, both from z(T) with the learned ones."""

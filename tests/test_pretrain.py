@@ -58,6 +58,7 @@ def _weights(folder, sub):
     return load_file(next((folder / sub).glob("*.safetensors")))
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
     main(_args(tmp_path / "full", 4))
     main(_args(tmp_path / "part", 2))

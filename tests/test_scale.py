@@ -141,6 +141,7 @@ def test_device_list():
             FedBiPConfig.from_run_config({"model.device": bad})
 
 
+@pytest.mark.slow
 def test_scale_command_on_a_tiny_federation(tiny_model, tmp_path, monkeypatch):
     """The scale benchmark runs the three phases per size in their own processes, resumes,
     and reports per-site work that does not grow with the number of sites."""

@@ -97,6 +97,7 @@ def test_combination_samples_are_pure_and_checked():
         shapes.render_combo(("colorful", "plain"), "star", 0)
 
 
+@pytest.mark.slow
 def test_client_style_names_never_occur_in_pretraining_captions():
     from fedbip_flower.tools.pretrain import captions, pretraining_set
 

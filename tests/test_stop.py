@@ -100,6 +100,7 @@ def test_flwr_run_stops_following_a_stream_at_the_timeout(tmp_path, monkeypatch)
     assert run_id == 42 and "Successfully" in text and time.time() - t0 < 20
 
 
+@pytest.mark.slow
 def test_flwr_cli_calls_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(deploy, "BIN", fake_flwr(tmp_path, "time.sleep(600)"))
     t0 = time.time()
