@@ -48,6 +48,7 @@ from fedbip_flower.tools.launch import (
     flwr_run,
     free_port,
     print_summary,
+    project_root,
     run_status,
     wait_for_port,
     write_connection,
@@ -761,12 +762,6 @@ def quick_try(
 
 
 # ----------------------------------------------------------------------------- command line
-def _project_root() -> Path:
-    from fedbip_flower.tools.launch import project_root
-
-    return project_root()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m fedbip_flower.tools.deploy",
@@ -889,89 +884,127 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--run-config", default="")
     s.add_argument("--timeout", type=float, default=3600)
 
+    for name, handler in HANDLERS.items():
+        sub.choices[name].set_defaults(handler=handler)
     a = p.parse_args(argv)
-    dd = a.deploy_dir.resolve()
+    a.deploy_dir = a.deploy_dir.resolve()
     try:
-        if a.cmd == "make-site-data":
-            style = a.style or site_style(a.site)
-            out = write_site(a.out_dir, style, a.per_class, a.seed, a.resolution, a.force, a.framing)
-            print(
-                f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r}; "
-                f"{split_note(a.per_class)})"
-            )
-            return 0
-        if a.cmd == "shrink-data":
-            n = shrink_imagefolder(a.src, a.dst, a.resolution)
-            print(f"wrote {n} images at {a.resolution} px to {a.dst}")
-            return 0
-        if a.cmd == "superlink":
-            role = dd / "superlink"
-            with RoleLock(role, "the SuperLink"):  # a second start is refused before it touches anything
-                certs = None if a.insecure else (a.certs or dd / "certs")
-                cmds = superlink_commands(
-                    role, port=a.port, host=a.host, certs_dir=certs, secret=ensure_secret(role / "superexec.secret")
-                )
-                mode = "INSECURE" if a.insecure else "TLS + SuperNode auth"
-                print(f"SuperLink role folder: {role} ({mode})", flush=True)
-                return serve(cmds, role_env(role), role, {"superlink": a.port})
-        if a.cmd == "site":
-            role = dd / f"site-{a.site}"
-            with RoleLock(role, f"site {a.site}"):
-                port = a.port or SITE_PORT_BASE + a.site
-                results = (a.results_dir or role / "results").resolve()
-                cmds = site_commands(
-                    a.site,
-                    a.data_dir,
-                    superlink=a.superlink,
-                    port=port,
-                    root_cert=None if a.insecure else (a.ca or dd / "certs" / "ca.crt"),
-                    key=None if a.insecure else (a.key or dd / "keys" / f"node{a.site}"),
-                    secret=ensure_secret(role / "superexec.secret"),
-                    num_sites=a.num_sites,
-                    results_dir=results,
-                )
-                threads = a.threads or (fair_threads(a.num_sites) if is_loopback(a.superlink) else None)
-                print(
-                    f"site {a.site} role folder: {role}; data {a.data_dir.resolve()}; results {results}; "
-                    f"SuperLink {a.superlink}; compute threads {threads or os.cpu_count()}",
-                    flush=True,
-                )
-                return serve(cmds, role_env(role, thread_env(threads)), role, {f"supernode-{a.site}": port})
-        home = cli_home(dd)
-        env = flower_env(home)
-        if a.cmd == "connection":
-            ca = None if a.insecure else (a.ca or dd / "certs" / "ca.crt").resolve()
-            if ca is not None:
-                _need(ca, "CA certificate")
-            write_connection(home, a.name, a.superlink, str(ca) if ca else None)
-            print(f"wrote connection {a.name!r} -> {a.superlink} into {home / 'config.toml'}")
-            return 0
-        if a.cmd == "register":
-            for key in a.public_keys:
-                node_id = register_node(key, a.connection, env, key.stem.replace("node", "site-"))
-                print(f"registered {key} as SuperNode {node_id} on {a.connection!r}")
-            return 0
-        if a.cmd == "run":
-            app = a.app or _project_root()
-            try:
-                run, results = checked_run(
-                    app, a.connection, env, a.output_dir or dd / "outputs", a.run_config, a.timeout
-                )
-            except LaunchError as err:
-                print(f"\nFedBiP run FAILED: {err}", file=sys.stderr)
-                return 1
-            code = print_summary(results)
-            print(f"run {run.get('run-id')} {run.get('status')}; outputs: {Path(results['results_path']).parent}")
-            return code
-        if a.cmd == "status":
-            print(status_report(a.connection, env, a.run_id))
-            return 0
-        if a.cmd == "quick-try":
-            return quick_try(a.app or _project_root(), dd, a.num_sites, a.per_class, a.run_config, a.timeout)
+        return a.handler(a)
     except (DeployError, LaunchError, DataError, RoleBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 2
+
+
+# ----------------------------------------------------------------------------- subcommands
+def _make_site_data(a: argparse.Namespace) -> int:
+    style = a.style or site_style(a.site)
+    out = write_site(a.out_dir, style, a.per_class, a.seed, a.resolution, a.force, a.framing)
+    print(
+        f"wrote {out} ({len(shapes.CLASSES)} classes x {a.per_class} images, domain {style!r}; {split_note(a.per_class)})"
+    )
+    return 0
+
+
+def _shrink_data(a: argparse.Namespace) -> int:
+    n = shrink_imagefolder(a.src, a.dst, a.resolution)
+    print(f"wrote {n} images at {a.resolution} px to {a.dst}")
+    return 0
+
+
+def _superlink(a: argparse.Namespace) -> int:
+    role = a.deploy_dir / "superlink"
+    with RoleLock(role, "the SuperLink"):  # a second start is refused before it touches anything
+        certs = None if a.insecure else (a.certs or a.deploy_dir / "certs")
+        secret = ensure_secret(role / "superexec.secret")
+        cmds = superlink_commands(role, port=a.port, host=a.host, certs_dir=certs, secret=secret)
+        mode = "INSECURE" if a.insecure else "TLS + SuperNode auth"
+        print(f"SuperLink role folder: {role} ({mode})", flush=True)
+        return serve(cmds, role_env(role), role, {"superlink": a.port})
+
+
+def _site(a: argparse.Namespace) -> int:
+    dd = a.deploy_dir
+    role = dd / f"site-{a.site}"
+    with RoleLock(role, f"site {a.site}"):
+        port = a.port or SITE_PORT_BASE + a.site
+        results = (a.results_dir or role / "results").resolve()
+        cmds = site_commands(
+            a.site,
+            a.data_dir,
+            superlink=a.superlink,
+            port=port,
+            root_cert=None if a.insecure else (a.ca or dd / "certs" / "ca.crt"),
+            key=None if a.insecure else (a.key or dd / "keys" / f"node{a.site}"),
+            secret=ensure_secret(role / "superexec.secret"),
+            num_sites=a.num_sites,
+            results_dir=results,
+        )
+        threads = a.threads or (fair_threads(a.num_sites) if is_loopback(a.superlink) else None)
+        print(
+            f"site {a.site} role folder: {role}; data {a.data_dir.resolve()}; results {results}; "
+            f"SuperLink {a.superlink}; compute threads {threads or os.cpu_count()}",
+            flush=True,
+        )
+        return serve(cmds, role_env(role, thread_env(threads)), role, {f"supernode-{a.site}": port})
+
+
+def _cli_env(a: argparse.Namespace) -> tuple[Path, dict[str, str]]:
+    home = cli_home(a.deploy_dir)
+    return home, flower_env(home)
+
+
+def _connection(a: argparse.Namespace) -> int:
+    home, _ = _cli_env(a)
+    ca = None if a.insecure else (a.ca or a.deploy_dir / "certs" / "ca.crt").resolve()
+    if ca is not None:
+        _need(ca, "CA certificate")
+    write_connection(home, a.name, a.superlink, str(ca) if ca else None)
+    print(f"wrote connection {a.name!r} -> {a.superlink} into {home / 'config.toml'}")
+    return 0
+
+
+def _register(a: argparse.Namespace) -> int:
+    _, env = _cli_env(a)
+    for key in a.public_keys:
+        node_id = register_node(key, a.connection, env, key.stem.replace("node", "site-"))
+        print(f"registered {key} as SuperNode {node_id} on {a.connection!r}")
+    return 0
+
+
+def _run(a: argparse.Namespace) -> int:
+    _, env = _cli_env(a)
+    output = a.output_dir or a.deploy_dir / "outputs"
+    try:
+        run, results = checked_run(a.app or project_root(), a.connection, env, output, a.run_config, a.timeout)
+    except LaunchError as err:
+        print(f"\nFedBiP run FAILED: {err}", file=sys.stderr)
+        return 1
+    code = print_summary(results)
+    print(f"run {run.get('run-id')} {run.get('status')}; outputs: {Path(results['results_path']).parent}")
+    return code
+
+
+def _status(a: argparse.Namespace) -> int:
+    _, env = _cli_env(a)
+    print(status_report(a.connection, env, a.run_id))
+    return 0
+
+
+def _quick_try(a: argparse.Namespace) -> int:
+    return quick_try(a.app or project_root(), a.deploy_dir, a.num_sites, a.per_class, a.run_config, a.timeout)
+
+
+HANDLERS = {
+    "make-site-data": _make_site_data,
+    "shrink-data": _shrink_data,
+    "superlink": _superlink,
+    "site": _site,
+    "connection": _connection,
+    "register": _register,
+    "run": _run,
+    "status": _status,
+    "quick-try": _quick_try,
+}
 
 
 if __name__ == "__main__":
