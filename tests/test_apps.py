@@ -61,6 +61,10 @@ def test_server_main_full_round(fast_run_config, tmp_path):
     assert {c["domain"] for c in res["clients"]} == {"medical", "satellite"}
     assert all(0 <= c["accuracy"] <= 1 and c["upload_bytes"] > 0 for c in res["clients"])
     assert res["num_synthetic"] == 60
+    # Flower's Result is kept: its metrics agree with the outcome the strategy reported
+    flower = res["flower_metrics"]
+    assert flower["evaluate"]["1"]["accuracy-mean"] == pytest.approx(res["mean_accuracy"])
+    assert flower["train"]["1"]["num-synthetic"] == res["num_synthetic"]
     # exactly one upload per client, then one evaluation message per client
     kinds = [m.metadata.message_type for m in grid.sent]
     assert kinds.count("train") == 2 and kinds.count("evaluate") == 2 and len(kinds) == 4

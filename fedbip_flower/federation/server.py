@@ -30,7 +30,7 @@ from fedbip_flower import __version__
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.federation.console import console_logging
 from fedbip_flower.federation.payload import safe_filename, safe_text
-from fedbip_flower.federation.strategy import FedBiPStrategy
+from fedbip_flower.federation.strategy import FedBiPStrategy, RunOutcome
 from fedbip_flower.federation.synthetic_set import SUBDIR as SYNTHETIC_SUBDIR
 from fedbip_flower.jsonio import write_json
 from fedbip_flower.models.ldm import load_server_components
@@ -58,33 +58,34 @@ def _attach_log(path: Path) -> logging.Handler:
 
 
 def results_dict(
-    strategy: FedBiPStrategy, cfg: FedBiPConfig, run_id: Any, status: str, error: str = ""
+    out: RunOutcome, cfg: FedBiPConfig, run_id: Any, status: str, error: str = "", flower: dict | None = None
 ) -> dict[str, Any]:
-    clients = []
-    for r in sorted(strategy.clients.values(), key=lambda r: (r.domain, r.node_id)):
-        clients.append(
-            {
-                "node_id": r.node_id,
-                "name": strategy.names.get(r.node_id, ""),
-                "domain": r.domain,
-                "status": r.status,
-                "reason": r.reason,
-                "upload_bytes": r.upload_bytes,
-                "num_images": r.num_images,
-                "accuracy": r.accuracy,
-                "num_test": r.num_test,
-                "evaluation": r.evaluation,
-                "client_metrics": r.client_metrics,
-                "screening": r.screening,
-            }
-        )
-    scores = strategy.scores()
+    """results.json of a run: its outcome, status and config (``flower``: the metrics of
+    Flower's ``Result``)."""
+    clients = [
+        {
+            "node_id": r.node_id,
+            "name": out.names.get(r.node_id, ""),
+            "domain": r.domain,
+            "status": r.status,
+            "reason": r.reason,
+            "upload_bytes": r.upload_bytes,
+            "num_images": r.num_images,
+            "accuracy": r.accuracy,
+            "num_test": r.num_test,
+            "evaluation": r.evaluation,
+            "client_metrics": r.client_metrics,
+            "screening": r.screening,
+        }
+        for r in out.clients
+    ]
+    scores = out.scores
     return {
         "status": status,
         "error": error,
         "run_id": str(run_id),
         "fedbip_flower_version": __version__,
-        "model": {"source": strategy.components.source, "fingerprint": strategy.components.fingerprint},
+        "model": {"source": out.model_source, "fingerprint": out.model_fingerprint},
         "mean_accuracy": scores["mean"],  # accepted sites only
         "weighted_accuracy": scores["weighted"],
         "num_scored": len(scores["accepted"]),
@@ -94,21 +95,31 @@ def results_dict(
         ],
         "rejected_mean_accuracy": scores["rejected_mean"],
         "clients": clients,
-        "num_synthetic": int(sum(len(v) for v in strategy.synthetic.values())),
-        "synthetic_dir": str(strategy.synthetic_dir or ""),
+        "num_synthetic": out.num_synthetic,
+        "synthetic_dir": str(out.synthetic_dir or ""),
         "classifier_path": "",
-        "timings_s": {k: round(v, 2) for k, v in strategy.timings.items()},
+        "timings_s": {k: round(v, 2) for k, v in out.timings.items()},
+        "flower_metrics": flower or {},
         "config": cfg.to_run_config(),
     }
 
 
-def unscored_explanation(strategy: FedBiPStrategy, classifier_path: Path | None) -> str:
+def flower_metrics(result) -> dict:
+    """The metrics of Flower's ``Result`` (train and evaluate, per round) as plain numbers."""
+    parts = {
+        "train": getattr(result, "train_metrics_clientapp", {}),
+        "evaluate": getattr(result, "evaluate_metrics_clientapp", {}),
+    }
+    return {kind: {str(rnd): dict(rec) for rnd, rec in (per_round or {}).items()} for kind, per_round in parts.items()}
+
+
+def unscored_explanation(out: RunOutcome, classifier_path: Path | None) -> str:
     """Why a trained classifier has no score: what each accepted node answered."""
-    accepted = sorted((r for r in strategy.clients.values() if r.status == "accepted"), key=lambda r: r.node_id)
+    accepted = sorted((r for r in out.clients if r.status == "accepted"), key=lambda r: r.node_id)
     why = "; ".join(f"node {r.node_id} ({r.domain or '?'}): {r.evaluation}" for r in accepted)
     where = f"it is saved at {classifier_path}" if classifier_path else "it could not be saved"
     text = (
-        f"a classifier was trained on {sum(len(v) for v in strategy.synthetic.values())} synthetic "
+        f"a classifier was trained on {out.num_synthetic} synthetic "
         f"images ({where}), but no accepted site could score it: {why}."
     )
     if any(r.evaluation == "no test images" for r in accepted):
@@ -144,7 +155,7 @@ def _run(grid: Grid, cfg: FedBiPConfig, run_id: Any, progress: bool) -> dict:
             cfg, workers[0], progress=progress, workers=workers, synthetic_dir=run_dir / SYNTHETIC_SUBDIR
         )
         record = ConfigRecord(cfg.to_run_config())
-        strategy.start(
+        result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(),
             num_rounds=1,
@@ -152,12 +163,13 @@ def _run(grid: Grid, cfg: FedBiPConfig, run_id: Any, progress: bool) -> dict:
             train_config=record,
             evaluate_config=record,
         )
-        strategy.timings["total"] = time.time() - t0
-        classifier_path = _write_artifacts(strategy, run_dir)
-        scored = strategy.scores()["accepted"]
+        out = strategy.outcome()
+        out.timings["total"] = time.time() - t0
+        classifier_path = _write_artifacts(out, run_dir)
+        scored = out.scores["accepted"]
         status = "completed" if scored else "unscored"
-        error = "" if scored else unscored_explanation(strategy, classifier_path)
-        res = results_dict(strategy, cfg, run_id, status, error)
+        error = "" if scored else unscored_explanation(out, classifier_path)
+        res = results_dict(out, cfg, run_id, status, error, flower_metrics(result))
         res["classifier_path"] = str(classifier_path or "")
         _write_results(run_dir, res)
         if scored:
@@ -185,7 +197,8 @@ def _run(grid: Grid, cfg: FedBiPConfig, run_id: Any, progress: bool) -> dict:
     except Exception as err:
         log.error("FedBiP run failed: %s", safe_text(str(err), 4000))
         if strategy is not None:
-            _write_results(run_dir, results_dict(strategy, cfg, run_id, "failed", f"{type(err).__name__}: {err}"))
+            failed = results_dict(strategy.outcome(), cfg, run_id, "failed", f"{type(err).__name__}: {err}")
+            _write_results(run_dir, failed)
         raise
     finally:
         for name in ("fedbip_flower", "flwr"):
@@ -201,22 +214,22 @@ def _inside(run_dir: Path, name: str) -> Path:
     return path
 
 
-def _write_artifacts(strategy: FedBiPStrategy, run_dir: Path) -> Path | None:
+def _write_artifacts(out: RunOutcome, run_dir: Path) -> Path | None:
     """Per-client synthetic grids (a failure skips that picture only) and the classifier;
     returns the classifier's path (None if there is none)."""
     from safetensors.torch import save_file
 
     from fedbip_flower.models.classifier import state_to_cpu
 
-    for nid, shard in strategy.synthetic.items():
-        name = safe_filename(strategy.clients[nid].domain)
+    for nid, shard in out.synthetic.items():
+        name = safe_filename(out.client(nid).domain)
         try:
             class_grid(*shard.load()).save(_inside(run_dir, f"synthetic_{name}_node{int(nid)}.png"))
         except Exception as err:  # noqa: BLE001 - a picture is not worth the run
             log.warning("node %s: no synthetic image grid (%s: %s)", nid, type(err).__name__, safe_text(str(err)))
-    if strategy.classifier is None:
+    if out.classifier is None:
         return None
     path = _inside(run_dir, "classifier.safetensors")
-    state = {k: v for k, v in state_to_cpu(strategy.classifier).items()}
-    save_file(state, str(path), metadata={"class_names": json.dumps(strategy.class_names)})
+    state = {k: v for k, v in state_to_cpu(out.classifier).items()}
+    save_file(state, str(path), metadata={"class_names": json.dumps(out.class_names)})
     return path

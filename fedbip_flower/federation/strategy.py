@@ -80,6 +80,30 @@ class ClientRecord:
     screening: dict = field(default_factory=dict)  # quota, findings and action (trust.Screening)
 
 
+@dataclass
+class RunOutcome:
+    """What a FedBiP run produced, as the ServerApp reports and saves it (one typed value:
+    the ServerApp reads nothing else of the strategy)."""
+
+    clients: list[ClientRecord]  # every instructed node, sorted by (domain, node id)
+    names: dict[int, str]  # node id -> registered name (where the SuperLink knows one)
+    scores: dict  # see FedBiPStrategy.scores
+    classifier: torch.nn.Module | None
+    class_names: list[str]
+    synthetic: dict[int, Shard]  # node id -> its synthetic images (kept sites)
+    synthetic_dir: Path | None
+    timings: dict[str, float]
+    model_source: str
+    model_fingerprint: str
+
+    @property
+    def num_synthetic(self) -> int:
+        return int(sum(len(v) for v in self.synthetic.values()))
+
+    def client(self, nid: int) -> ClientRecord:
+        return next(r for r in self.clients if r.node_id == nid)
+
+
 def expected_for(components: LDMComponents, cfg: FedBiPConfig) -> Expected:
     return Expected(
         model_fingerprint=components.fingerprint,
@@ -425,6 +449,21 @@ class FedBiPStrategy(Strategy):
             "weighted": sum(r.accuracy * r.num_test for r in acc) / total if total else None,
             "rejected_mean": sum(r.accuracy for r in rej) / len(rej) if rej else None,
         }
+
+    def outcome(self) -> RunOutcome:
+        """The run so far as one value (complete once ``start`` has returned)."""
+        return RunOutcome(
+            clients=sorted(self.clients.values(), key=lambda r: (r.domain, r.node_id)),
+            names=dict(self.names),
+            scores=self.scores(),
+            classifier=self.classifier,
+            class_names=list(self.class_names),
+            synthetic=dict(self.synthetic),
+            synthetic_dir=self.synthetic_dir,
+            timings=dict(self.timings),
+            model_source=str(self.components.source),
+            model_fingerprint=str(self.components.fingerprint),
+        )
 
     def summary(self) -> None:
         c = self.cfg
