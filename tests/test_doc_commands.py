@@ -1,0 +1,124 @@
+"""The commands the README and docs/ print run as printed: every ``flwr`` command's subcommand
+and flags exist in the installed Flower CLI, its SuperLink connection is one the docs define,
+its ``--run-config`` keys exist in the app's config; every ``python -m fedbip_flower.tools.*``
+and ``scripts/main.sh`` command's flags exist in that tool's ``--help``."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FLWR = str(Path(sys.executable).parent / "flwr")
+
+
+def _blocks(text: str) -> list[str]:
+    """The lines of the page's shell code blocks (```bash / ```sh), continuation lines joined
+    and trailing comments dropped."""
+    blocks, current, lang = [], None, ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            if current is None:
+                current, lang = [], line.strip()[3:].strip()
+            else:
+                if lang in ("bash", "sh"):
+                    blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    out = []
+    for block in blocks:
+        for ln in re.sub(r"\\\n\s*", " ", block).splitlines():
+            ln = re.split(r"\s#\s", ln, maxsplit=1)[0].strip()
+            if ln:
+                out.append(ln)
+    return out
+
+
+def _commands(prefix: str) -> list[tuple[str, str]]:
+    found = []
+    for page in PAGES:
+        for ln in _blocks(page.read_text()):
+            if ln.startswith(prefix):
+                found.append((page.name, ln))
+    return found
+
+
+@functools.cache
+def _help(*args: str) -> str:
+    res = subprocess.run([*args, "--help"], capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    assert res.returncode == 0, f"`{' '.join(args)} --help` failed: {res.stderr[-500:]}"
+    return re.sub(r"\s+", " ", res.stdout)
+
+
+def _connections() -> set[str]:
+    from fedbip_flower.tools.deploy import DEFAULT_CONNECTION
+
+    names = {DEFAULT_CONNECTION, "fedbip-quick-try"}
+    for page in PAGES:
+        names |= set(re.findall(r"^\[superlink\.([\w-]+)\]", page.read_text(), re.M))
+    return names
+
+
+def _app_keys() -> set[str]:
+    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+FLWR_COMMANDS = _commands("flwr ")
+
+
+def test_the_docs_print_flwr_commands():
+    assert len(FLWR_COMMANDS) >= 10
+
+
+@pytest.mark.parametrize("page,line", FLWR_COMMANDS, ids=[f"{p}:{ln[:60]}" for p, ln in FLWR_COMMANDS])
+def test_flwr_commands_exist_with_their_flags_and_connections(page, line):
+    from flwr.common.config import parse_config_args
+
+    argv = shlex.split(line.replace("<id>", "1").replace("<node-id>", "1"))[1:]
+    sub = argv[:2] if argv[0] == "supernode" else argv[:1]
+    text = _help(FLWR, *sub)
+    flags = [a.split("=")[0] for a in argv if a.startswith("--")]
+    for flag in flags:
+        assert flag in text, f"{page}: `flwr {' '.join(sub)}` has no {flag}"
+    positional = [a for a in argv[len(sub) :] if not a.startswith("--")]
+    # drop the values of flags that take one
+    values = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--run-config", "--format", "--name", "--run-id")}
+    positional = [a for a in positional if a not in values]
+    connection = {"run": lambda p: p[1], "ls": lambda p: p[0], "log": lambda p: p[1]}.get(sub[0])
+    if sub == ["supernode", "register"]:
+        connection = lambda p: p[1]  # noqa: E731
+    elif sub == ["supernode", "ls"]:
+        connection = lambda p: p[0]  # noqa: E731
+    if connection is not None:
+        assert connection(positional) in _connections(), f"{page}: connection of `{line}` is defined nowhere"
+    if "--run-config" in argv:
+        keys = set(parse_config_args([argv[argv.index("--run-config") + 1]]))
+        assert keys <= _app_keys(), f"{page}: unknown run-config keys {sorted(keys - _app_keys())}"
+
+
+TOOL_COMMANDS = _commands("python -m fedbip_flower.tools.") + _commands("bash scripts/main.sh")
+
+
+@pytest.mark.parametrize("page,line", TOOL_COMMANDS, ids=[f"{p}:{ln[:60]}" for p, ln in TOOL_COMMANDS])
+def test_tool_commands_have_their_flags(page, line):
+    argv = shlex.split(line)
+    if argv[0] == "bash":  # scripts/main.sh passes its arguments to the launcher
+        module, rest = "fedbip_flower.tools.launch", argv[2:]
+    else:
+        module, rest = argv[2], argv[3:]
+    base = (sys.executable, "-m", module)
+    text = _help(*base)
+    subs = re.search(r"\{([\w,-]+)\}", text)
+    if subs and rest and rest[0] in subs.group(1).split(","):
+        text = _help(*base, rest[0])
+    for flag in (a.split("=")[0] for a in rest if a.startswith("--")):
+        assert flag in text, f"{page}: `{' '.join(argv[:4])}` has no {flag}"
