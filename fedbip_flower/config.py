@@ -172,7 +172,7 @@ class ClassifierConfig(_Checked):
 @dataclass(frozen=True)
 class FedBiPConfig(_Checked):
     seed: int = _f(0, "fixes partitions, few-shot selection, noise and synthesis")
-    min_clients: int = _f(4, "clients to wait for; fewer good replies stop the run", lo=1)
+    min_clients: int = _f(2, "clients to wait for; fewer good replies stop the run", lo=1)
     output_dir: str = _f(
         "outputs", "folder for run outputs (one sub-folder per run); use an absolute path in deployment"
     )

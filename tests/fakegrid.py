@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedbip_flower.tools import fuzz
+from tests import helpers
 
 
 def set_task_identity() -> None:
@@ -21,7 +21,7 @@ def set_task_identity() -> None:
 
 def instruction(content: RecordDict, message_type: str, dst: int) -> Message:
     """A server->client message with explicit metadata, as the SuperLink would deliver it."""
-    return fuzz.instruction(dst, message_type, content)
+    return helpers.instruction(dst, message_type, content)
 
 
 class FakeGrid(Grid):

@@ -14,7 +14,7 @@ from fedbip_flower.federation import server_pipeline
 from fedbip_flower.federation.synthetic_set import SyntheticSet, SyntheticStore, read_synthetic_folder
 from fedbip_flower.models.classifier import build_classifier, evaluate, train_classifier
 from fedbip_flower.models.ldm import pick_devices
-from fedbip_flower.tools import fuzz
+from tests.helpers import Model, honest_payload
 
 
 def _state(model):
@@ -27,9 +27,9 @@ def _same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def uploads(tiny_components):
-    model = fuzz.Model.of(tiny_components, 32)
+    model = Model.of(tiny_components, 32)
     domains = ("medical", "satellite", "thermal", "chalkboard", "medical")
-    return {k: fuzz.honest_payload(model, seed=k, domain=d) for k, d in enumerate(domains)}
+    return {k: honest_payload(model, seed=k, domain=d) for k, d in enumerate(domains)}
 
 
 @pytest.fixture
@@ -95,21 +95,21 @@ def test_synthesis_over_two_workers_makes_the_same_set_as_one(tiny_components, u
         assert _same(_state(other.classifier), _state(one.classifier))
 
 
-def test_both_workers_take_sites(tiny_components, uploads, cfg):
+def test_both_workers_take_sites(tiny_components, uploads, cfg, monkeypatch):
     """The sites really are spread: each worker synthesizes some of them."""
     second = copy.deepcopy(tiny_components)
     used = []
+    real = server_pipeline.synthesize_upload
 
-    def synth(key, payload, seed, worker):
+    def synth(worker, payload, cfg, seed, progress=False):
         used.append(worker is second)
         import time
 
         time.sleep(0.2)  # long enough for the other worker to take the next site
-        return server_pipeline.synthesize_upload(worker, payload, cfg, seed)
+        return real(worker, payload, cfg, seed, progress)
 
-    server_pipeline.build_global_model(
-        tiny_components, uploads, cfg, workers=[tiny_components, second], synthesize=synth
-    )
+    monkeypatch.setattr(server_pipeline, "synthesize_upload", synth)
+    server_pipeline.build_global_model(tiny_components, uploads, cfg, workers=[tiny_components, second])
     assert len(used) == len(uploads) and any(used) and not all(used)
 
 

@@ -19,22 +19,24 @@ from fedbip_flower.federation import server_pipeline
 from fedbip_flower.federation.client import run_train
 from fedbip_flower.federation.payload import validate_reply
 from fedbip_flower.federation.server import run_server
-from fedbip_flower.federation.strategy import FedBiPStrategy, expected_for
-from fedbip_flower.tools import benchmark, fuzz
+from fedbip_flower.federation.sites import expected_for
+from fedbip_flower.federation.strategy import FedBiPStrategy, RunOutcome
+from fedbip_flower.tools import benchmark
 from tests.fakegrid import FakeGrid, set_task_identity
+from tests.helpers import Model, honest_payload
 
 set_task_identity()
 
 
 @pytest.fixture(scope="module")
-def model(tiny_components) -> fuzz.Model:
-    return fuzz.Model.of(tiny_components, 32)
+def model(tiny_components) -> Model:
+    return Model.of(tiny_components, 32)
 
 
 # ----------------------------------------------------------------------------- order and seeds
 def test_client_order_is_by_domain_then_content_whatever_the_keys(model):
     pairs = ((1, "thermal"), (2, "medical"), (3, "medical"))
-    a, b, c = (fuzz.honest_payload(model, seed=k, domain=d) for k, d in pairs)
+    a, b, c = (honest_payload(model, seed=k, domain=d) for k, d in pairs)
     first, second = {900: a, 17: b, 5: c}, {"x": c, "y": a, "z": b}
     in_order = [first[k] for k in server_pipeline.client_order(first)]
     assert [p.domain for p in in_order] == ["medical", "medical", "thermal"]
@@ -43,7 +45,7 @@ def test_client_order_is_by_domain_then_content_whatever_the_keys(model):
 
 
 def test_the_digest_covers_the_upload_not_the_client_metrics(model):
-    p = fuzz.honest_payload(model, seed=1)
+    p = honest_payload(model, seed=1)
     d = server_pipeline.upload_digest(p)
     assert d == server_pipeline.upload_digest(dataclasses.replace(p, metrics={"client-seconds": 12.5}))
     # the wire dtypes: a float32 copy of the fp16 latents is the same upload
@@ -54,22 +56,26 @@ def test_the_digest_covers_the_upload_not_the_client_metrics(model):
     assert d != server_pipeline.upload_digest(dataclasses.replace(p, domain="thermal"))
 
 
-def test_without_reject_a_failing_upload_raises_naming_its_key(fast_run_config, tiny_components, model):
+def test_a_failing_upload_is_dropped_by_the_steps_and_raised_by_build_global_model(
+    fast_run_config, tiny_components, model, monkeypatch
+):
     cfg = FedBiPConfig.from_run_config(fast_run_config)
-    uploads = {k: fuzz.honest_payload(model, seed=k, domain=d) for k, d in ((0, "medical"), (1, "thermal"))}
+    uploads = {k: honest_payload(model, seed=k, domain=d) for k, d in ((0, "medical"), (1, "thermal"))}
+    real = server_pipeline.synthesize_upload
 
-    def synth(key, payload, seed, worker):
-        if key == 1:
+    def synth(worker, payload, cfg, seed, progress=False):
+        if payload.domain == "thermal":
             raise RuntimeError("out of memory")
-        return server_pipeline.synthesize_upload(tiny_components, payload, cfg, seed)
+        return real(worker, payload, cfg, seed, progress)
 
+    monkeypatch.setattr(server_pipeline, "synthesize_upload", synth)
     with pytest.raises(server_pipeline.PipelineError, match="client 1: synthesis from its upload failed"):
-        server_pipeline.build_global_model(tiny_components, uploads, cfg, synthesize=synth)
-    dropped = []
-    built = server_pipeline.build_global_model(
-        tiny_components, uploads, cfg, synthesize=synth, reject=lambda k, why: dropped.append(k)
-    )
-    assert dropped == [1] and built.order == [0] and list(built.rejected) == [1]
+        server_pipeline.build_global_model(tiny_components, uploads, cfg)
+    synthesized = server_pipeline.synthesize_uploads(tiny_components, uploads, cfg)
+    assert list(synthesized.shards) == [0] and list(synthesized.rejected) == [1]
+    assert "RuntimeError: out of memory" in synthesized.rejected[1]
+    built = server_pipeline.train_global(tiny_components, synthesized, cfg)
+    assert built.order == [0] and list(built.rejected) == [1]
     assert len(built.labels) == 6 and built.stats["sgd-steps"] >= 1
 
 
@@ -82,7 +88,7 @@ def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _strategy_round(cfg: FedBiPConfig, components, uploads: dict, nodes: list[int], reverse: bool) -> FedBiPStrategy:
+def _strategy_round(cfg: FedBiPConfig, components, uploads: dict, nodes: list[int], reverse: bool) -> RunOutcome:
     """aggregate_train with the real client replies ``uploads`` (by partition), the one of
     partition p sent from node ``nodes[p]``; ``reverse`` reverses the order of arrival."""
     strategy = FedBiPStrategy(cfg, components, progress=False)
@@ -93,7 +99,7 @@ def _strategy_round(cfg: FedBiPConfig, components, uploads: dict, nodes: list[in
         sent[m.metadata.dst_node_id] = m
     replies = [Message(uploads[part], reply_to=sent[nid]) for part, nid in enumerate(nodes)]
     strategy.aggregate_train(1, replies[::-1] if reverse else replies)
-    return strategy
+    return strategy.outcome()
 
 
 def test_the_global_model_depends_on_the_uploads_not_on_node_ids_or_reply_order(fast_run_config, tiny_components):
@@ -111,7 +117,7 @@ def test_the_global_model_depends_on_the_uploads_not_on_node_ids_or_reply_order(
     payloads = [validate_reply(uploads[p], expected_for(tiny_components, cfg)) for p in range(3)]
     built, nbytes = benchmark.fedbip_server(tiny_components, payloads, cfg)
     assert _same_state(_state(one.classifier), _state(built.classifier))
-    assert sorted(nbytes) == sorted(r.upload_bytes for r in one.clients.values())
+    assert sorted(nbytes) == sorted(r.upload_bytes for r in one.clients)
     assert [payloads[k].domain for k in built.order] == ["medical", "thermal", "thermal"]
 
 

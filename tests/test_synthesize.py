@@ -7,7 +7,7 @@ import torch
 from fedbip_flower.config import ClassifierConfig, FedBiPConfig, ServerConfig
 from fedbip_flower.federation.client import run_train
 from fedbip_flower.federation.payload import validate_reply
-from fedbip_flower.federation.strategy import expected_for
+from fedbip_flower.federation.sites import expected_for
 from fedbip_flower.method.pipeline import FedBiPSynthesisPipeline
 from fedbip_flower.method.synthesize import synthesize_client, synthesize_from_prompts
 from fedbip_flower.models.classifier import batch_bounds, build_classifier, evaluate, train_classifier

@@ -16,14 +16,15 @@ import torch
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.federation import server_pipeline, trust
 from fedbip_flower.federation.payload import to_record_dict
-from fedbip_flower.tools import attacks, fuzz
+from fedbip_flower.tools import attacks
+from tests.helpers import Model, honest_payload
 
 
 @pytest.fixture(scope="module")
 def model(tiny_components):
     # distinct class words (names sharing their first token start from the same vector)
     return dataclasses.replace(
-        fuzz.Model.of(tiny_components, 32), class_names=["circle", "square", "triangle", "star", "heart"]
+        Model.of(tiny_components, 32), class_names=["circle", "square", "triangle", "star", "heart"]
     )
 
 
@@ -31,7 +32,7 @@ def anchored(tiny_components, model, seed: int, domain: str, classes=(0, 1, 2, 3
     """An honest-looking upload: concepts moved a little from the words they start from."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([c for c in classes for _ in range(shots)])
-    p = dataclasses.replace(fuzz.honest_payload(model, seed, n=len(labels), domain=domain), labels=labels)
+    p = dataclasses.replace(honest_payload(model, seed, n=len(labels), domain=domain), labels=labels)
     p = dataclasses.replace(p, v_classes=torch.tensor(sorted(classes)), v=torch.zeros(len(classes), 1, model.hidden))
     s0, v0 = trust._word_anchors(tiny_components, p)
     v = v0[p.v_classes]
@@ -156,7 +157,7 @@ def test_latent_statistics_flag_scaled_latents(tiny_components, cfg, honest):
     assert 0 not in screened.uploads
 
 
-def test_a_100k_latent_upload_costs_no_more_than_an_honest_one(tiny_components, cfg, honest):
+def test_a_100k_latent_upload_costs_no_more_than_an_honest_one(tiny_components, cfg, honest, monkeypatch):
     p = honest[0]
     n = 100_000
     big = dataclasses.replace(
@@ -166,12 +167,14 @@ def test_a_100k_latent_upload_costs_no_more_than_an_honest_one(tiny_components, 
     )
     ups = {0: big, 1: honest[1], 2: honest[2]}
     calls = []
+    real = server_pipeline.synthesize_upload
 
-    def synth(key, payload, seed, worker):
+    def synth(worker, payload, cfg, seed, progress=False):
         calls.append(len(payload.labels))
-        return server_pipeline.synthesize_upload(tiny_components, payload, cfg, seed)
+        return real(worker, payload, cfg, seed, progress)
 
-    built = server_pipeline.build_global_model(tiny_components, ups, cfg, synthesize=synth)
+    monkeypatch.setattr(server_pipeline, "synthesize_upload", synth)
+    built = server_pipeline.build_global_model(tiny_components, ups, cfg)
     s = built.screening[0]
     assert s.received == n and s.used == 15 == len(honest[0].labels)
     assert max(calls) == 15 and len(built.labels) == 45

@@ -1,7 +1,7 @@
 """The server's one pipeline: validated uploads -> synthetic training set -> global classifier.
 
-:func:`build_global_model` is what the ServerApp (:class:`~fedbip_flower.federation.strategy.FedBiPStrategy`)
-runs after its intake, and what the benchmark's FedBiP methods run on the uploads of their
+:func:`synthesize_uploads` then :func:`train_global` is what the ServerApp
+(:class:`~fedbip_flower.federation.strategy.FedBiPStrategy`) runs after its intake, and what the benchmark's FedBiP methods run on the uploads of their
 in-process clients, so the benchmark's ``fedbip`` row is the app's result for the same
 config and seed.
 
@@ -49,12 +49,12 @@ Synthetic = tuple[torch.Tensor, torch.Tensor]  # uint8 images (M, 3, H, W), int6
 
 
 class PipelineError(RuntimeError):
-    """An upload cannot be used and the caller asked for no per-client rejection."""
+    """The pipeline cannot build a model from these uploads."""
 
 
 @dataclass
 class GlobalModel:
-    """What :func:`build_global_model` returns."""
+    """What :func:`train_global` (and :func:`build_global_model`) returns."""
 
     classifier: torch.nn.Module  # eval mode, on CPU
     dataset: SyntheticSet  # the synthetic training set, in client order (read lazily from its store)
@@ -134,37 +134,42 @@ def synthesize_upload(
     )
 
 
-def build_global_model(
+@dataclass
+class Synthesized:
+    """What :func:`synthesize_uploads` returns: the kept clients' images and what became of
+    every upload."""
+
+    class_names: list[str]
+    store: SyntheticStore  # where the shards live
+    shards: dict  # key -> Shard of each kept client, in client order
+    rejected: dict  # key -> why its upload was dropped (synthesis failed, or another image shape)
+    screening: dict[Hashable, Screening]  # key -> quota, findings, action, synthetic images, seconds
+    seconds: float
+
+
+def synthesize_uploads(
     components: LDMComponents,
     uploads: Mapping[K, ClientPayload],
     cfg: FedBiPConfig,
     *,
-    progress: bool = False,
-    reject: Callable[[K, str], None] | None = None,
-    before_training: Callable[[dict[K, Shard]], None] | None = None,
-    synthesize: Callable[[K, ClientPayload, int, LDMComponents], Synthetic] | None = None,
     describe: Callable[[K], str] = lambda key: f"upload {key}",
     workers: Sequence[LDMComponents] | None = None,
     store: SyntheticStore | None = None,
-) -> GlobalModel:
-    """Validated uploads (any hashable key each, e.g. a node id) -> synthetic set -> classifier.
+    progress: bool = False,
+) -> Synthesized:
+    """Validated uploads (any hashable key each, e.g. a node id) -> the synthetic training set.
 
     Steps: screen the uploads (:func:`~fedbip_flower.federation.trust.screen_uploads`: per-site
-    quota, ``server.defence``, balanced shares; ``describe(key)`` names a client in its log
-    lines); synthesize what is kept of each upload with its seed, spread over ``workers``
-    (the LDM on each server device; default: ``components`` alone), each site's images put
-    in ``store`` as soon as they are made (default: memory; the app's store writes files in
-    the run folder); drop clients whose images have another shape than the majority's (one
-    training set needs one image shape); call ``before_training(shards)`` (the kept clients'
-    shards, in order; it may raise to stop, e.g. for too few clients); train the classifier
-    from the store, batch by batch.
+    quota, ``server.defence``, balanced shares; ``describe(key)`` names a client in the log);
+    synthesize what is kept of each upload with its seed (:func:`synthesize_upload`), spread
+    over ``workers`` (the LDM on each server device; default: ``components`` alone), each
+    site's images put in ``store`` as soon as they are made (default: memory; the app's store
+    writes files in the run folder); drop clients whose images have another shape than the
+    majority's (one training set needs one image shape). A client whose synthesis fails or
+    whose shape differs is dropped, never raised: see ``rejected``.
 
     A site's seed is its position in the client order, whichever worker makes its images, so
-    the set is the same on one device or several. ``reject(key, reason)`` is called for a
-    client dropped on the way (its synthesis failed, or its image shape differs); without it
-    such a client raises :class:`PipelineError`. ``synthesize(key, payload, seed, worker)``
-    makes one client's images from the kept part of its upload (default:
-    :func:`synthesize_upload` on that worker). All uploads must share one class list (the
+    the set is the same on one device or several. All uploads must share one class list (the
     app's intake keeps the majority's).
     """
     if not uploads:
@@ -172,22 +177,8 @@ def build_global_model(
     names = {tuple(p.class_names) for p in uploads.values()}
     if len(names) != 1:
         raise PipelineError(f"the uploads disagree on the class list ({len(names)} different lists)")
-    num_classes = len(next(iter(names)))
-    rejected: dict[K, str] = {}
     workers = list(workers or [components])
     store = store if store is not None else SyntheticStore()
-
-    def drop(key: K, reason: str) -> None:
-        if reject is None:
-            raise PipelineError(f"client {key}: {reason}")
-        rejected[key] = reason
-        reject(key, reason)
-
-    if synthesize is None:
-
-        def synthesize(key: K, payload: ClientPayload, seed: int, worker: LDMComponents) -> Synthetic:
-            return synthesize_upload(worker, payload, cfg, seed, progress and len(workers) == 1)
-
     t0 = time.time()
     order = client_order(uploads)
     screened = screen_uploads(components, uploads, order, cfg, describe)
@@ -200,13 +191,14 @@ def build_global_model(
         worker = free.get()
         t_site = time.time()
         try:
-            x, y = synthesize(key, screened.uploads[key], synthesis_seed(cfg.seed, k), worker)
-            shard = store.put(key, k, screened.uploads[key].domain, x, y)
-            return shard, time.time() - t_site
+            payload = screened.uploads[key]
+            x, y = synthesize_upload(worker, payload, cfg, synthesis_seed(cfg.seed, k), progress and len(workers) == 1)
+            return store.put(key, k, payload.domain, x, y), time.time() - t_site
         finally:
             free.put(worker)
 
     shards: dict[K, Shard] = {}
+    rejected: dict[K, str] = {}
     pool = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="synthesis")
     try:
         futures = {key: pool.submit(job, k, key) for k, key in jobs}
@@ -214,14 +206,14 @@ def build_global_model(
             try:
                 shard, seconds = futures[key].result()
             except Exception as err:  # noqa: BLE001 - one client's upload must not stop the run
-                drop(key, f"synthesis from its upload failed: {type(err).__name__}: {err}")
+                rejected[key] = f"synthesis from its upload failed: {type(err).__name__}: {err}"
                 continue
             shards[key] = shard
             # the server's work for this site, reported with its screening
             screened.screening[key].synthetic = len(shard)
             screened.screening[key].synthesis_seconds = round(seconds, 2)
             log.info("synthesis %d/%d: %d images for %s in %.1f s", n, len(jobs), len(shard), describe(key), seconds)
-    finally:  # stopping (an error without ``reject``, Ctrl-C): the sites not started are not started
+    finally:  # stopping (Ctrl-C): the sites not started are not started
         pool.shutdown(wait=True, cancel_futures=True)
     shapes = {key: shard.shape for key, shard in shards.items()}
     if shapes:
@@ -230,25 +222,53 @@ def build_global_model(
             if shape != common:
                 del shards[key]
                 store.drop(key)
-                drop(key, f"its upload synthesizes images of shape {shape}, the others' are {common}")
-    timings = {"synthesis": time.time() - t0}
-    if before_training is not None:
-        before_training(dict(shards))
-    if not shards:
+                rejected[key] = f"its upload synthesizes images of shape {shape}, the others' are {common}"
+    seconds = time.time() - t0
+    log.info("synthesized %d images from %d upload(s) in %.1f s", sum(map(len, shards.values())), len(shards), seconds)
+    return Synthesized(list(next(iter(names))), store, shards, rejected, screened.screening, seconds)
+
+
+def train_global(
+    components: LDMComponents, synthesized: Synthesized, cfg: FedBiPConfig, progress: bool = False
+) -> GlobalModel:
+    """The global classifier, trained (seed ``cfg.seed``) on the kept clients' synthetic images,
+    read from their store batch by batch."""
+    if not synthesized.shards:
         raise PipelineError("no upload was left to train on after synthesis")
-    kept = list(shards)
-    data = store.dataset(kept)
-    log.info("synthesized %d images from %d upload(s) in %.1f s", len(data), len(kept), timings["synthesis"])
+    kept = list(synthesized.shards)
+    data = synthesized.store.dataset(kept)
     t0 = time.time()
+    num_classes = len(synthesized.class_names)
     classifier, stats = train_classifier(data, None, num_classes, cfg.classifier, cfg.seed, components.device, progress)
-    timings["classifier"] = time.time() - t0
     return GlobalModel(
         classifier=classifier,
         dataset=data,
         order=kept,
-        synthetic=shards,
-        rejected=rejected,
-        screening=screened.screening,
+        synthetic=dict(synthesized.shards),
+        rejected=dict(synthesized.rejected),
+        screening=synthesized.screening,
         stats=stats,
-        timings=timings,
+        timings={"synthesis": synthesized.seconds, "classifier": time.time() - t0},
     )
+
+
+def build_global_model(
+    components: LDMComponents,
+    uploads: Mapping[K, ClientPayload],
+    cfg: FedBiPConfig,
+    *,
+    describe: Callable[[K], str] = lambda key: f"upload {key}",
+    workers: Sequence[LDMComponents] | None = None,
+    store: SyntheticStore | None = None,
+    progress: bool = False,
+) -> GlobalModel:
+    """:func:`synthesize_uploads` then :func:`train_global`, for callers whose every upload
+    must be usable (the benchmark's honest clients, the scale runs): an upload dropped on the
+    way raises :class:`PipelineError` naming its key. The ServerApp runs the two steps itself,
+    rejecting such a client instead."""
+    synthesized = synthesize_uploads(
+        components, uploads, cfg, describe=describe, workers=workers, store=store, progress=progress
+    )
+    if synthesized.rejected:
+        raise PipelineError("; ".join(f"client {key}: {why}" for key, why in synthesized.rejected.items()))
+    return train_global(components, synthesized, cfg, progress)

@@ -37,7 +37,7 @@ from fedbip_flower.data.loading import ClientData, NodeConfig, load_client_data
 from fedbip_flower.federation.client import client_seed, template_for
 from fedbip_flower.federation.payload import UPLOAD, to_record_dict, validate_reply
 from fedbip_flower.federation.server_pipeline import GlobalModel, build_global_model
-from fedbip_flower.federation.strategy import expected_for
+from fedbip_flower.federation.sites import expected_for
 from fedbip_flower.jsonio import write_json
 from fedbip_flower.method.personalize import encode_images, first_inference_timestep, personalize
 from fedbip_flower.method.synthesize import synthesize_client, synthesize_from_prompts

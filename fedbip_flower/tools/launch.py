@@ -28,8 +28,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedbip_flower.tools.supervise import Processes, stop_families
+
+if TYPE_CHECKING:
+    from fedbip_flower.config import FedBiPConfig
 
 BIN = Path(sys.executable).parent
 
@@ -280,6 +284,13 @@ def project_root() -> Path:
     raise LaunchError("run this from the fedbip-flower project folder (or pass --app)")
 
 
+def default_sites(cfg: FedBiPConfig) -> int:
+    """The simulated federation's size when none is given: one site per style of the bundled
+    benchmark's ``data.domains`` (the main job: 4), and never fewer than ``min-clients``."""
+    styles = [d for d in cfg.data.domains.split(",") if d.strip()] if cfg.data.dataset == "fedbip-shapes" else []
+    return max(cfg.min_clients, len(styles))
+
+
 def main(argv: list[str] | None = None) -> int:
     import click
     from flwr.common.config import parse_config_args
@@ -299,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help=f"experiment preset: {', '.join(experiment_names())} or a TOML run-config file; --run-config overrides it",
     )
-    p.add_argument("--num-supernodes", type=int, default=None, help="default: the run config's min-clients")
+    p.add_argument(
+        "--num-supernodes",
+        type=int,
+        default=None,
+        help="simulated sites (default: one per style of data.domains for fedbip-shapes, at least min-clients)",
+    )
     p.add_argument("--cpus-per-client", type=int, default=1)
     p.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share of each simulated client, e.g. 0.25")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"))
@@ -320,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run, results = simulate(
             a.app or project_root(),
-            a.num_supernodes or cfg.min_clients,
+            a.num_supernodes or default_sites(cfg),
             run_config,
             a.output_dir,
             cpus_per_client=a.cpus_per_client,

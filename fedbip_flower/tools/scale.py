@@ -110,7 +110,7 @@ def phase_server(sites: int, run_config: dict, out: Path) -> None:
     from fedbip_flower.config import FedBiPConfig
     from fedbip_flower.federation.payload import to_record_dict, validate_reply
     from fedbip_flower.federation.server_pipeline import build_global_model
-    from fedbip_flower.federation.strategy import expected_for
+    from fedbip_flower.federation.sites import expected_for
     from fedbip_flower.federation.synthetic_set import SyntheticStore
     from fedbip_flower.models.classifier import state_to_cpu
     from fedbip_flower.models.ldm import load_server_components
