@@ -50,10 +50,10 @@ import tomllib
 from fedbip_flower.jsonio import write_json
 from fedbip_flower.tools.deploy import (
     DeployError,
-    _script,
     ensure_secret,
     fair_threads,
     register_node,
+    run_script,
     site_style,
     wait_online,
     write_site,
@@ -317,9 +317,9 @@ class Stack:
         _give(out, 0o777)
         if self.tls:
             if not (self.demo / "certs" / "ca.crt").is_file():
-                _script("make-certs.sh", str(self.demo / "certs"), "DNS:superlink,IP:127.0.0.1,DNS:localhost")
+                run_script("make-certs.sh", str(self.demo / "certs"), "DNS:superlink,IP:127.0.0.1,DNS:localhost")
             if not (self.demo / "keys" / f"node{SITES}").is_file():
-                _script("make-node-keys.sh", str(self.demo / "keys"), str(SITES))
+                run_script("make-node-keys.sh", str(self.demo / "keys"), str(SITES))
             ensure_secret(self.demo / "secrets" / "superexec.secret")
             for folder in ("certs", "keys", "secrets"):
                 for f in (self.demo / folder).iterdir():
