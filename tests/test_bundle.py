@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLING = {"launch", "deploy", "benchmark", "pretrain", "ldm_report", "fuzz", "sdarch"}
+TOOLING = {"launch", "deploy", "benchmark", "pretrain", "ldm_report", "sdarch"}
 
 
 @pytest.mark.slow

@@ -59,10 +59,13 @@ def _help(*args: str) -> str:
     return re.sub(r"\s+", " ", res.stdout)
 
 
+FLOWER_DEFAULT = "local"  # `[superlink] default = "local"` in the config.toml flwr writes on first use
+
+
 def _connections() -> set[str]:
     from fedbip_flower.tools.deploy import DEFAULT_CONNECTION
 
-    names = {DEFAULT_CONNECTION, "fedbip-quick-try"}
+    names = {DEFAULT_CONNECTION, "fedbip-quick-try", FLOWER_DEFAULT}
     for page in PAGES:
         names |= set(re.findall(r"^\[superlink\.([\w-]+)\]", page.read_text(), re.M))
     return names
@@ -91,15 +94,21 @@ def test_flwr_commands_exist_with_their_flags_and_connections(page, line):
         assert flag in text, f"{page}: `flwr {' '.join(sub)}` has no {flag}"
     positional = [a for a in argv[len(sub) :] if not a.startswith("--")]
     # drop the values of flags that take one
-    values = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--run-config", "--format", "--name", "--run-id")}
+    values = {
+        argv[i + 1]
+        for i, a in enumerate(argv[:-1])
+        if a in ("--run-config", "--format", "--name", "--run-id", "--federation-config")
+    }
     positional = [a for a in positional if a not in values]
-    connection = {"run": lambda p: p[1], "ls": lambda p: p[0], "log": lambda p: p[1]}.get(sub[0])
+    at = {"run": 1, "ls": 0, "log": 1}.get(sub[0])  # where the connection stands among the positionals
     if sub == ["supernode", "register"]:
-        connection = lambda p: p[1]  # noqa: E731
+        at = 1
     elif sub == ["supernode", "ls"]:
-        connection = lambda p: p[0]  # noqa: E731
-    if connection is not None:
-        assert connection(positional) in _connections(), f"{page}: connection of `{line}` is defined nowhere"
+        at = 0
+    if at is not None:
+        # none given: Flower's default connection, which the CLI creates itself
+        name = positional[at] if len(positional) > at else FLOWER_DEFAULT
+        assert name in _connections(), f"{page}: connection of `{line}` is defined nowhere"
     if "--run-config" in argv:
         keys = set(parse_config_args([argv[argv.index("--run-config") + 1]]))
         assert keys <= _app_keys(), f"{page}: unknown run-config keys {sorted(keys - _app_keys())}"

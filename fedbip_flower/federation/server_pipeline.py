@@ -253,22 +253,13 @@ def train_global(
 
 
 def build_global_model(
-    components: LDMComponents,
-    uploads: Mapping[K, ClientPayload],
-    cfg: FedBiPConfig,
-    *,
-    describe: Callable[[K], str] = lambda key: f"upload {key}",
-    workers: Sequence[LDMComponents] | None = None,
-    store: SyntheticStore | None = None,
-    progress: bool = False,
+    components: LDMComponents, uploads: Mapping[K, ClientPayload], cfg: FedBiPConfig, **options
 ) -> GlobalModel:
     """:func:`synthesize_uploads` then :func:`train_global`, for callers whose every upload
     must be usable (the benchmark's honest clients, the scale runs): an upload dropped on the
     way raises :class:`PipelineError` naming its key. The ServerApp runs the two steps itself,
-    rejecting such a client instead."""
-    synthesized = synthesize_uploads(
-        components, uploads, cfg, describe=describe, workers=workers, store=store, progress=progress
-    )
+    rejecting such a client instead. ``options``: those of :func:`synthesize_uploads`."""
+    synthesized = synthesize_uploads(components, uploads, cfg, **options)
     if synthesized.rejected:
         raise PipelineError("; ".join(f"client {key}: {why}" for key, why in synthesized.rejected.items()))
-    return train_global(components, synthesized, cfg, progress)
+    return train_global(components, synthesized, cfg, options.get("progress", False))
