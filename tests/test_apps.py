@@ -203,7 +203,7 @@ def test_same_seed_same_results(fast_run_config, tmp_path):
 
 
 def test_no_concept_steps_and_a_site_without_test_images_give_valid_json(fast_run_config, tmp_path):
-    from fedbip_flower.tools.deploy import write_site
+    from fedbip_flower.tools.deploy.sitedata import write_site
 
     # Site 101 holds exactly `shots` images per class: nothing is left for its test split, so
     # its ClientApp refuses at once (before personalization) and the server rejects it.

@@ -42,18 +42,13 @@ import pytest
 import torch
 
 from fedbip_flower.data import shapes
-from fedbip_flower.tools import deploy
-from fedbip_flower.tools.deploy import (
-    DeployError,
-    Deployment,
-    ensure_secret,
-    scripts_dir,
-    site_commands,
-    status_report,
-    superlink_commands,
-    supernodes,
-    write_site,
-)
+from fedbip_flower.tools.deploy import cli, roles
+from fedbip_flower.tools.deploy.commands import ensure_secret, site_commands, superlink_commands
+from fedbip_flower.tools.deploy.common import DeployError
+from fedbip_flower.tools.deploy.deployment import Deployment, scripts_dir
+from fedbip_flower.tools.deploy.flwrcli import supernodes
+from fedbip_flower.tools.deploy.sitedata import write_site
+from fedbip_flower.tools.deploy.status import status_report
 from fedbip_flower.tools.launch import find_results, free_port
 from tests.helpers import flag
 
@@ -185,7 +180,7 @@ def test_site_folder(tmp_path: Path) -> None:
     # --framing close-up writes the sites' larger shapes (the rows are class-major, 3 per class)
     from PIL import Image
 
-    from fedbip_flower.tools.deploy import main
+    from fedbip_flower.tools.deploy.cli import main
 
     assert (
         main(["make-site-data", str(tmp_path / "close"), "thermal", "--per-class", "3", "--framing", "close-up"]) == 0
@@ -198,7 +193,7 @@ def test_site_folder(tmp_path: Path) -> None:
 def test_shrunk_folder_loads_to_the_same_tensors(tmp_path: Path) -> None:
     from fedbip_flower.config import FedBiPConfig
     from fedbip_flower.data.loading import DataError, NodeConfig, load_client_data, shrink_imagefolder
-    from fedbip_flower.tools.deploy import main
+    from fedbip_flower.tools.deploy.cli import main
 
     src = write_site(tmp_path / "site", "sketch", per_class=3, resolution=64)
     assert main(["shrink-data", str(src), str(tmp_path / "small"), "--resolution", "32"]) == 0
@@ -426,10 +421,8 @@ def test_lost_node_below_min_clients_fails(deployment: SimpleNamespace) -> None:
 
 
 def test_a_missing_site_folder_names_a_helper_that_exists(tmp_path):
-    from fedbip_flower.tools import deploy
-
-    with pytest.raises(deploy.DeployError, match="not a site data folder") as info:
-        deploy.site_commands(1, tmp_path / "nowhere")
+    with pytest.raises(DeployError, match="not a site data folder") as info:
+        site_commands(1, tmp_path / "nowhere")
     helper = re.search(r"scripts/deploy/\S+", str(info.value)).group(0)
     assert (Path(__file__).resolve().parents[1] / helper).is_file(), helper
 
@@ -443,7 +436,7 @@ def test_a_second_start_of_a_running_site_is_refused_before_it_touches_anything(
     log = role / "logs" / "supernode-1.log"
     log.write_text("the running site's log\n")
     with RoleLock(role, "site 1"):  # site 1 runs (this process holds its lock)
-        code = deploy.main(["--deploy-dir", str(tmp_path / "deploy"), "site", "1", str(data), "--insecure"])
+        code = cli.main(["--deploy-dir", str(tmp_path / "deploy"), "site", "1", str(data), "--insecure"])
     err = capsys.readouterr().err
     assert code == 1 and "site 1 is already running" in err and f"pid {os.getpid()}" in err, err
     assert log.read_text() == "the running site's log\n" and not (role / "superexec.secret").exists()
@@ -452,12 +445,12 @@ def test_a_second_start_of_a_running_site_is_refused_before_it_touches_anything(
 
 
 def test_the_unregistered_site_hint_names_the_fix():
-    text = deploy.hint("... Exit Code: 305 ... Failed to activate SuperNode ...")
+    text = roles.hint("... Exit Code: 305 ... Failed to activate SuperNode ...")
     assert "not registered" in text and "register-nodes.sh" in text
 
 
 def test_sites_on_one_machine_share_the_cores_fairly(tmp_path):
-    from fedbip_flower.tools.deploy import fair_threads, is_loopback, node_config, thread_env
+    from fedbip_flower.tools.deploy.commands import fair_threads, is_loopback, node_config, thread_env
 
     cores = os.cpu_count() or 1
     assert fair_threads(1) == cores and fair_threads(3) == max(1, cores // 3) and fair_threads(10**6) == 1

@@ -63,7 +63,7 @@ FLOWER_DEFAULT = "local"  # `[superlink] default = "local"` in the config.toml f
 
 
 def _connections() -> set[str]:
-    from fedbip_flower.tools.deploy import DEFAULT_CONNECTION
+    from fedbip_flower.tools.deploy.common import DEFAULT_CONNECTION
 
     names = {DEFAULT_CONNECTION, "fedbip-quick-try", FLOWER_DEFAULT}
     for page in PAGES:

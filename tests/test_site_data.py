@@ -8,20 +8,20 @@ import pytest
 from fedbip_flower.config import DataConfig, FedBiPConfig
 from fedbip_flower.data.loading import NodeConfig, load_client_data
 from fedbip_flower.federation.client import SiteDataError, run_train
-from fedbip_flower.tools import deploy
+from fedbip_flower.tools.deploy import cli, sitedata
 
 
 def test_the_site_data_helper_defaults_fit_the_app_defaults(tmp_path):
-    folder = deploy.write_site(tmp_path / "site-1", deploy.site_style(1))  # the helper's defaults
+    folder = sitedata.write_site(tmp_path / "site-1", sitedata.site_style(1))  # the helper's defaults
     data = load_client_data(DataConfig(), NodeConfig(0, 3, str(folder)), seed=0)  # the app's defaults
     shots = DataConfig().shots
-    assert len(data.train_labels) == 10 * shots and len(data.test_labels) == 10 * (deploy.SITE_PER_CLASS - shots)
-    assert "16 training + 8 test image(s) per class" in deploy.split_note(deploy.SITE_PER_CLASS)
-    assert deploy.split_note(8).startswith("WARNING") and "--per-class 24" in deploy.split_note(8)
+    assert len(data.train_labels) == 10 * shots and len(data.test_labels) == 10 * (sitedata.SITE_PER_CLASS - shots)
+    assert "16 training + 8 test image(s) per class" in sitedata.split_note(sitedata.SITE_PER_CLASS)
+    assert sitedata.split_note(8).startswith("WARNING") and "--per-class 24" in sitedata.split_note(8)
 
 
 def test_make_site_data_warns_when_no_test_split_would_be_left(tmp_path, capsys):
-    assert deploy.main(["make-site-data", str(tmp_path / "s"), "medical", "--per-class", "8"]) == 0
+    assert cli.main(["make-site-data", str(tmp_path / "s"), "medical", "--per-class", "8"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: with data.shots=16" in out and "no test split" in out
 
@@ -29,7 +29,7 @@ def test_make_site_data_warns_when_no_test_split_would_be_left(tmp_path, capsys)
 def test_a_site_without_a_test_split_refuses_before_personalization(tmp_path, fast_run_config, monkeypatch):
     from fedbip_flower.federation import client
 
-    folder = deploy.write_site(tmp_path / "site-2", "satellite", per_class=8)
+    folder = sitedata.write_site(tmp_path / "site-2", "satellite", per_class=8)
     monkeypatch.setattr(client, "personalize", lambda *a, **k: pytest.fail("personalization ran"))
     monkeypatch.setattr(client, "load_components", lambda *a, **k: pytest.fail("the LDM was loaded"))
     cfg = {**fast_run_config, "data.shots": 16}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fedbip_flower.tools import deploy, launch, supervise
-from fedbip_flower.tools.deploy import flwrcli
+from fedbip_flower.tools import launch, supervise
+from fedbip_flower.tools.deploy import common, flwrcli
 from tests.helpers import fake_flwr
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -105,10 +105,10 @@ def test_flwr_run_stops_following_a_stream_at_the_timeout(tmp_path, monkeypatch)
 def test_flwr_cli_calls_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(flwrcli, "BIN", fake_flwr(tmp_path, "time.sleep(600)"))  # where flwr_cli looks it up
     t0 = time.time()
-    with pytest.raises(deploy.DeployError, match="did not answer in 1 s"):
-        deploy.flwr_cli(["supernode", "ls"], {}, timeout=1)
-    with pytest.raises(deploy.DeployError, match="did not answer"):
-        deploy.wait_online("c", {}, count=1, timeout=2)
+    with pytest.raises(common.DeployError, match="did not answer in 1 s"):
+        flwrcli.flwr_cli(["supernode", "ls"], {}, timeout=1)
+    with pytest.raises(common.DeployError, match="did not answer"):
+        flwrcli.wait_online("c", {}, count=1, timeout=2)
     assert time.time() - t0 < 60
 
 

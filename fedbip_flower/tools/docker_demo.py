@@ -48,16 +48,11 @@ from pathlib import Path
 import tomllib
 
 from fedbip_flower.jsonio import write_json
-from fedbip_flower.tools.deploy import (
-    DeployError,
-    ensure_secret,
-    fair_threads,
-    register_node,
-    run_script,
-    site_style,
-    wait_online,
-    write_site,
-)
+from fedbip_flower.tools.deploy.commands import ensure_secret, fair_threads
+from fedbip_flower.tools.deploy.common import DeployError
+from fedbip_flower.tools.deploy.deployment import run_script
+from fedbip_flower.tools.deploy.flwrcli import register_node, wait_online
+from fedbip_flower.tools.deploy.sitedata import site_style, write_site
 from fedbip_flower.tools.launch import (
     LaunchError,
     checked_results,

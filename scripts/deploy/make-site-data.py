@@ -7,7 +7,7 @@ Usage: make-site-data.py OUT_DIR [STYLE] [--site N] [--per-class K] [--seed S] [
 
 import sys
 
-from fedbip_flower.tools.deploy import main
+from fedbip_flower.tools.deploy.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["make-site-data", *sys.argv[1:]]))
