@@ -24,7 +24,7 @@ for setting in ${SETTINGS//,/ }; do
     mkdir -p "$run"
     extra="${EXTRA:-}"
     [[ $setting == pacs-* ]] && extra="$extra data.data-dir='$(realpath "$PACS")'"
-    HF_DATASETS_CACHE="$run/hf-cache" timeout "$LIMIT" python -m fedbip_flower.tools.benchmark accuracy \
+    HF_DATASETS_CACHE="$run/hf-cache" timeout "$LIMIT" python -m fedbip_flower.research.benchmark accuracy \
       --settings "$setting" --seeds "$seed" --methods "$METHODS" --out "$run" ${BENCH_FLAGS:-} \
       ${extra:+--run-config "$extra"} >"$run/log.txt" 2>&1 &
     pids+=($!)
@@ -42,4 +42,4 @@ for run in "$OUT"/runs/*; do
   else echo "== $run: no result; log tail:"; tail -5 "$run/log.txt"; fi
 done
 grep -h "INFO \[" "$OUT"/runs/*/log.txt | tail -3
-python -m fedbip_flower.tools.benchmark merge "${files[@]}" --out "$OUT"
+python -m fedbip_flower.research.benchmark merge "${files[@]}" --out "$OUT"

@@ -23,7 +23,7 @@ def build_tiny_model(folder, seed: int = 0, hidden: int = 16, max_len: int = 32)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
     from fedbip_flower.models.ldm import bundled_model_path
-    from fedbip_flower.tools.pretrain import build_schedulers
+    from fedbip_flower.research.pretrain import build_schedulers
 
     tok = CLIPTokenizerFast.from_pretrained(str(bundled_model_path()), subfolder="tokenizer")
     tok.model_max_length = max_len

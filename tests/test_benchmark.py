@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedbip_flower.config import load_experiment
-from fedbip_flower.tools import benchmark
+from fedbip_flower.research import benchmark
 
 
 def test_metrics():

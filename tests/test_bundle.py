@@ -11,7 +11,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLING = {"launch", "deploy", "benchmark", "pretrain", "ldm_report", "sdarch"}
+TOOLING = {
+    "launch",
+    "deploy",
+    "supervise",
+    "docker_demo",
+    "benchmark",
+    "attacks",
+    "scale",
+    "pretrain",
+    "ldm_report",
+    "sdarch",
+}
 
 
 @pytest.mark.slow
@@ -24,7 +35,8 @@ def test_fab_holds_node_code_only_and_the_apps_import_from_it(tmp_path):
     assert {"strategy", "client", "server", "server_pipeline", "concepts", "synthesize"} <= modules
     # Folders too: a tool may be a package (fedbip_flower/tools/deploy/*.py).
     parts = {part for n in names if n.startswith("fedbip_flower/") for part in Path(n).with_suffix("").parts}
-    assert not parts & (TOOLING | {"tools"}), f"operator tooling in the bundle: {parts & (TOOLING | {'tools'})}"
+    tooling = TOOLING | {"tools", "research"}
+    assert not parts & tooling, f"tooling in the bundle: {parts & tooling}"
     assert not [n for n in names if "assets" in n or n.endswith(".safetensors")]
     assert fab.stat().st_size < 10 * 2**20
     code = tmp_path / "code"

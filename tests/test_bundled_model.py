@@ -32,7 +32,7 @@ def test_bundled_pipeline_loads_offline_and_generates():
     ).images
     assert out.shape == (1, 32, 32, 3) and 0 <= out.min() and out.max() <= 1
     card = json.loads((path / "fedbip_model_card.json").read_text())
-    assert card["command"].startswith("python -m fedbip_flower.tools.pretrain") and card["unet_steps"] > 0
+    assert card["command"].startswith("python -m fedbip_flower.research.pretrain") and card["unet_steps"] > 0
     assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 16 * 2**20
     # the real SD v1 tokenizer ids
     assert pipe.tokenizer("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]

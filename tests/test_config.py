@@ -22,7 +22,8 @@ from fedbip_flower.config import (
     load_experiment,
     run_config_string,
 )
-from fedbip_flower.tools import benchmark, launch
+from fedbip_flower.research import benchmark
+from fedbip_flower.tools import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,8 @@
 """The commands the README and docs/ print run as printed: every ``flwr`` command's subcommand
 and flags exist in the installed Flower CLI, its SuperLink connection is one the docs define,
-its ``--run-config`` keys exist in the app's config; every ``python -m fedbip_flower.tools.*``
-and ``scripts/main.sh`` command's flags exist in that tool's ``--help``."""
+its ``--run-config`` keys exist in the app's config; every ``python -m fedbip_flower.tools.*``,
+``python -m fedbip_flower.research.*`` and ``scripts/main.sh`` command's flags exist in that
+tool's ``--help``."""
 
 from __future__ import annotations
 
@@ -114,7 +115,11 @@ def test_flwr_commands_exist_with_their_flags_and_connections(page, line):
         assert keys <= _app_keys(), f"{page}: unknown run-config keys {sorted(keys - _app_keys())}"
 
 
-TOOL_COMMANDS = _commands("python -m fedbip_flower.tools.") + _commands("bash scripts/main.sh")
+TOOL_COMMANDS = (
+    _commands("python -m fedbip_flower.tools.")
+    + _commands("python -m fedbip_flower.research.")
+    + _commands("bash scripts/main.sh")
+)
 
 
 @pytest.mark.parametrize("page,line", TOOL_COMMANDS, ids=[f"{p}:{ln[:60]}" for p, ln in TOOL_COMMANDS])

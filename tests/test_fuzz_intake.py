@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections import Counter
 
 import pytest
@@ -24,6 +23,7 @@ from fedbip_flower.models.ldm import load_components
 from tests import fuzzing
 from tests.helpers import Model
 
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflowing casts of the mutations
 EXAMPLES = int(os.environ.get("FEDBIP_FUZZ_EXAMPLES", "60"))
 SETTINGS = settings(
     max_examples=EXAMPLES,
@@ -57,9 +57,7 @@ def quiet_logs():
     ours.propagate = False
     ours.setLevel(logging.INFO)
     flwr_log.setLevel(logging.ERROR)  # "record ... replaced" warnings of the mutations
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # overflowing casts of the mutations
-        yield
+    yield
     ours.propagate, _, _ = saved
     ours.setLevel(saved[1])
     flwr_log.setLevel(saved[2])

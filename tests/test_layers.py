@@ -19,7 +19,7 @@ BOTTOM = {
     "fedbip_flower",
     "fedbip_flower.__init__",
 }
-RANK = {"config": 1, "data": 2, "models": 3, "method": 4, "federation": 5, "tools": 6}
+RANK = {"config": 1, "data": 2, "models": 3, "method": 4, "federation": 5, "tools": 6, "research": 6}
 
 
 def _rank(module: str) -> int:
@@ -64,6 +64,19 @@ def test_no_module_imports_a_higher_layer():
             if _rank(name) > mine:
                 wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} (rank {mine}) imports {name}")
     assert not wrong, "imports from a lower layer to a higher one:\n" + "\n".join(wrong)
+
+
+def test_operator_tools_and_research_code_are_apart():
+    """Operators run tools/ without research/ (benchmarks, pretraining, reports), and back."""
+    crossing = []
+    for top, other in (("tools", "research"), ("research", "tools")):
+        for path in sorted((PACKAGE / top).rglob("*.py")):
+            crossing += [
+                f"{path.relative_to(PACKAGE.parent)}:{ln} imports {name}"
+                for ln, name in _imports(path)
+                if name.startswith(f"fedbip_flower.{other}")
+            ]
+    assert not crossing, "\n".join(crossing)
 
 
 def test_the_checker_sees_deferred_imports(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from fedbip_flower.config import ClientConfig, ServerConfig
 from fedbip_flower.data import shapes
-from fedbip_flower.tools.ldm_report import OTHER, _code_images, _judge_combos, concept_recovery, train_judges
+from fedbip_flower.research.ldm_report import OTHER, _code_images, _judge_combos, concept_recovery, train_judges
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def test_style_judge_knows_near_misses_of_the_client_styles():
 
 def test_report_client_settings_take_client_keys_only():
     from fedbip_flower.config import ConfigError
-    from fedbip_flower.tools.ldm_report import client_config
+    from fedbip_flower.research.ldm_report import client_config
 
     assert client_config("") == ClientConfig()
     cfg = client_config("client.n-s=4 client.lr=0.05")

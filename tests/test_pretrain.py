@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedbip_flower.models.ldm import bundled_model_path
-from fedbip_flower.tools.pretrain import build_schedulers, main, snr_weights, state_path
+from fedbip_flower.research.pretrain import build_schedulers, main, snr_weights, state_path
 
 
 def test_snr_weights_cap_clean_timesteps():

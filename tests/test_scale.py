@@ -148,7 +148,7 @@ def test_scale_command_on_a_tiny_federation(tiny_model, tmp_path, monkeypatch):
     import json
     import subprocess
 
-    from fedbip_flower.tools import benchmark
+    from fedbip_flower.research import benchmark
 
     out = tmp_path / "scale"
     args = ["scale", "--smoke", "--sites", "1,5", "--out", str(out), "--threads", "1"]

@@ -21,7 +21,7 @@ from fedbip_flower.federation.payload import validate_reply
 from fedbip_flower.federation.server import run_server
 from fedbip_flower.federation.sites import expected_for
 from fedbip_flower.federation.strategy import FedBiPStrategy, RunOutcome
-from fedbip_flower.tools import benchmark
+from fedbip_flower.research import benchmark
 from tests.fakegrid import FakeGrid, set_task_identity
 from tests.helpers import Model, honest_payload
 

@@ -99,7 +99,7 @@ def test_combination_samples_are_pure_and_checked():
 
 @pytest.mark.slow
 def test_client_style_names_never_occur_in_pretraining_captions():
-    from fedbip_flower.tools.pretrain import captions, pretraining_set
+    from fedbip_flower.research.pretrain import captions, pretraining_set
 
     imgs, labels, names, words = pretraining_set(per_class=1, combo_per_class=1, seed=0, resolution=32)
     n_named = len(shapes.PRETRAIN_STYLES) * len(shapes.CLASSES)

@@ -16,7 +16,7 @@ import torch
 from fedbip_flower.config import FedBiPConfig
 from fedbip_flower.federation import server_pipeline, trust
 from fedbip_flower.federation.payload import to_record_dict
-from fedbip_flower.tools import attacks
+from fedbip_flower.research import attacks
 from tests.helpers import Model, honest_payload
 
 

@@ -1,5 +1,5 @@
 """Operator tooling, installed with the package and never shipped in the app bundle:
-``launch`` (the main job and simulation runs), ``deploy`` (SuperLink/SuperNode helpers),
-``benchmark``, ``pretrain`` and ``ldm_report`` (the bundled LDM), ``fuzz`` (hostile uploads),
-``export_concepts`` (a site's concepts for diffusers pipelines) and ``sdarch`` (SD v1-4
-architecture checks)."""
+``launch`` (the main job and checked simulation runs), ``deploy`` (SuperLink and site helpers,
+the operator's status), ``supervise`` (processes, logs and role locks), ``docker_demo`` (the
+Compose demo, run and checked) and ``export_concepts`` (a site's concepts for diffusers
+pipelines). What reproduces the figures of the docs lives in :mod:`fedbip_flower.research`."""

@@ -19,7 +19,7 @@
 
 Usage::
 
-    python -m fedbip_flower.tools.ldm_report --output docs
+    python -m fedbip_flower.research.ldm_report --output docs
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from fedbip_flower.method.synthesize import synthesize_from_prompts
 from fedbip_flower.models.classifier import evaluate, train_classifier
 from fedbip_flower.models.ldm import load_components
 from fedbip_flower.pictures import image_grid
-from fedbip_flower.tools.pretrain import PROMPT
+from fedbip_flower.research.pretrain import PROMPT
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ No SD weights exist offline, but the cost of FedBiP on a GPU is a property of th
 not of the weights. This writes a folder that ``model.id`` accepts, for speed and memory checks
 at full size (UNet 860M parameters, CLIP ViT-L/14 text encoder, 77 tokens, 512 px images):
 
-    python -m fedbip_flower.tools.sdarch /tmp/sd-v1-4-random [--dtype float16]
+    python -m fedbip_flower.research.sdarch /tmp/sd-v1-4-random [--dtype float16]
 
 The configurations are those of CompVis/stable-diffusion-v1-4 (unet, vae, text_encoder); the
 tokenizer is the bundled one (SD v1's own CLIP BPE vocabulary) with SD's 77-token context, and

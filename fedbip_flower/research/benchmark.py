@@ -9,10 +9,10 @@ is serialized and validated as the app receives it, then
 uploads) trains the classifier, so the ``fedbip`` row is what the Flower app gives for the
 same run config and seed.
 
-    python -m fedbip_flower.tools.benchmark accuracy --settings shapes-feature --seeds 0,1,2
-    python -m fedbip_flower.tools.benchmark speed
-    python -m fedbip_flower.tools.benchmark attacks --settings shapes-feature,shapes-label-0.5 --seeds 0,1,2
-    python -m fedbip_flower.tools.benchmark accuracy --smoke      # seconds; what the tests run
+    python -m fedbip_flower.research.benchmark accuracy --settings shapes-feature --seeds 0,1,2
+    python -m fedbip_flower.research.benchmark speed
+    python -m fedbip_flower.research.benchmark attacks --settings shapes-feature,shapes-label-0.5 --seeds 0,1,2
+    python -m fedbip_flower.research.benchmark accuracy --smoke      # seconds; what the tests run
 
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (accuracy per client domain,
 mean +- std over seeds, upload bytes per client, client time, server time, privacy audit).
@@ -586,7 +586,9 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="train each classifier this many times on the same training set (other seeds) to size its own noise",
     )
-    p.add_argument("--attacks", default="", help="attacks: comma list of attacks (default: all; see tools/attacks.py)")
+    p.add_argument(
+        "--attacks", default="", help="attacks: comma list of attacks (default: all; see research/attacks.py)"
+    )
     p.add_argument("--defences", default="off,on", help="attacks: comma list of off, on, down-weight, report")
     p.add_argument("--screen-only", action="store_true", help="attacks: only what the checks measure on clean uploads")
     p.add_argument("--sites", default="4,16,50,100", help="scale: comma list of federation sizes")
@@ -606,12 +608,12 @@ def main(argv: list[str] | None = None) -> None:
         a.out = Path("outputs/scale")
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "scale":
-        from fedbip_flower.tools import scale
+        from fedbip_flower.research import scale
 
         scale.main(a, extra)
         return
     if a.mode == "attacks":
-        from fedbip_flower.tools import attacks
+        from fedbip_flower.research import attacks
 
         attacks.main(a, extra)
         return

@@ -2,7 +2,7 @@
 
 Each (setting, seed) personalizes every site once, as the benchmark's FedBiP row does; then,
 for each attack, site 0's upload is replaced by the attacker's and the ServerApp's server side
-runs on the uploads (:func:`~fedbip_flower.tools.benchmark.fedbip_server`: serialized,
+runs on the uploads (:func:`~fedbip_flower.research.benchmark.fedbip_server`: serialized,
 validated, screened, synthesized, classifier trained), once with the defence off and once on:
 
 - ``off``: ``server.defence = off``, no quota (``server.site-quota`` = ``server.max-images``),
@@ -14,8 +14,8 @@ Reported per run: every site's accuracy, the honest sites' mean (all but the att
 server's seconds and images synthesized, and which sites were flagged (with the checks).
 ``none`` is the clean run (no attacker; its honest mean is over the same sites).
 
-    python -m fedbip_flower.tools.benchmark attacks --settings shapes-feature,shapes-label-0.5 --seeds 0,1,2
-    python -m fedbip_flower.tools.benchmark attacks --settings shapes-label-0.01 --attacks none --seeds 0,1,2
+    python -m fedbip_flower.research.benchmark attacks --settings shapes-feature,shapes-label-0.5 --seeds 0,1,2
+    python -m fedbip_flower.research.benchmark attacks --settings shapes-label-0.01 --attacks none --seeds 0,1,2
 
 Results go to ``<out>/attacks.json`` (written after every run; ``--resume`` keeps finished
 runs) and ``<out>/attacks.md``. ``--screen-only`` personalizes the sites and prints what each
@@ -228,7 +228,7 @@ def run_attacks(
     setting: str, seed: int, attacks: list[str], defences: list[str], extra: dict, done: dict, save
 ) -> None:
     """Run every (attack, defence) not in ``done`` for one (setting, seed); ``save(key, run)``."""
-    from fedbip_flower.tools.benchmark import fedbip_server
+    from fedbip_flower.research.benchmark import fedbip_server
 
     ctx = ps = names = None
     for attack in attacks:

@@ -31,7 +31,7 @@ continues from it and gives the same weights as an uninterrupted run.
 
 Usage (the shipped weights; see the model card for the exact command and its duration)::
 
-    python -m fedbip_flower.tools.pretrain --output fedbip_flower/assets/fedbip-ldm-shapes \
+    python -m fedbip_flower.research.pretrain --output fedbip_flower/assets/fedbip-ldm-shapes \
         --seed 0 --per-class 70 --combo-per-class 3 --vae-steps 600 --unet-steps 8000 \
         --threads 2 --tokenizer fedbip_flower/assets/fedbip-ldm-shapes
 """
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("resumed after %d UNet steps", resumed["step"])
     meta = {
         "name": "fedbip-ldm-shapes",
-        "command": "python -m fedbip_flower.tools.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m fedbip_flower.research.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: str(v) for k, v in vars(a).items()},
         "pretraining_styles": list(shapes.PRETRAIN_STYLES),
         "unnamed_pretraining_combinations": len(shapes.PRETRAIN_COMBOS) if a.combo_per_class else 0,

@@ -1,6 +1,6 @@
 """Scale benchmark: how a federation's cost grows with its number of sites.
 
-``python -m fedbip_flower.tools.benchmark scale --sites 4,16,50,100`` runs, for each size N,
+``python -m fedbip_flower.research.benchmark scale --sites 4,16,50,100`` runs, for each size N,
 the app's own code in three processes (so each phase's peak memory is its own):
 
 1. **sites**: every site runs the ClientApp's training logic
@@ -175,7 +175,7 @@ def run_size(sites: int, extra: dict, out: Path, resume: bool, threads: int) -> 
         if resume and (folder / result).is_file():
             continue
         t0 = time.time()
-        cmd = [sys.executable, "-m", "fedbip_flower.tools.scale", name, str(sites), str(folder)]
+        cmd = [sys.executable, "-m", "fedbip_flower.research.scale", name, str(sites), str(folder)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         subprocess.run(cmd, check=True, env=env)
         walls[name] = time.time() - t0
@@ -295,7 +295,7 @@ def main(a, extra: dict) -> None:
     print(f"written to {a.out}/scale.json and scale.md")
 
 
-if __name__ == "__main__":  # one phase of one size: python -m fedbip_flower.tools.scale PHASE SITES FOLDER
+if __name__ == "__main__":  # one phase of one size: python -m fedbip_flower.research.scale PHASE SITES FOLDER
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     phase, sites, folder = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     PHASES[phase][0](sites, json.loads((folder / "run_config.json").read_text()), folder)
