@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from flwr.common.config import flatten_dict, parse_config_args
 
 from fedbip_flower.config import (

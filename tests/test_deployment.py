@@ -126,7 +126,7 @@ def _offline_at(dep: Deployment, node_id: int) -> float:
         if int(node["node-id"]) == node_id:
             assert node["status"] == "offline", node
             stamp = dt.datetime.strptime(node["offline-at"], "%Y-%m-%d %H:%M:%SZ")
-            return stamp.replace(tzinfo=dt.timezone.utc).timestamp()
+            return stamp.replace(tzinfo=dt.UTC).timestamp()
     raise AssertionError(f"node {node_id} not listed by `flwr supernode ls`")
 
 

@@ -199,7 +199,7 @@ def save_site_result(
         "domain": data.domain,
         "class_names": list(data.class_names),
         "classifier": "classifier.safetensors",
-        "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "saved_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fedbip_flower_version": __version__,
     }
     write_json(out / "score.json", score)

@@ -42,10 +42,9 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-
-import tomllib
 
 from fedbip_flower.jsonio import write_json
 from fedbip_flower.tools.deploy.commands import ensure_secret, fair_threads
