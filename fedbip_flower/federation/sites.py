@@ -114,6 +114,15 @@ class Sites:
             reasons = "; ".join(f"node {r.node_id}: {r.reason}" for r in self.clients.values() if r.reason)
             raise FedBiPError(f"only {good} good upload(s){stage}, min-clients is {self.min_clients}. {reasons}")
 
+    def after_synthesis(self, screening: dict, rejected: dict[int, str]) -> None:
+        """Record each site's screening (quota, findings, action, synthesis) and reject the
+        sites the pipeline dropped; raise :class:`FedBiPError` if too few are left."""
+        for nid, screen in screening.items():
+            self.clients[nid].screening = screen.to_dict()
+        for nid, why in rejected.items():
+            self.reject(nid, why)
+        self.require(" left after synthesis")
+
     # ------------------------------------------------------------------ uploads
     def collect(self, replies: Iterable[Message]) -> None:
         """Intake of the upload round; a node with no reply is rejected, and the accepted

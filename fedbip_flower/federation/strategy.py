@@ -101,11 +101,7 @@ class FedBiPStrategy(Strategy):
         kw = {"describe": self.sites.who, "workers": self.workers, "store": store, "progress": self.progress}
         synthesized = synthesize_uploads(self.components, dict(self.sites.accepted), self.cfg, **kw)
         self.timings["synthesis"], self.synthetic = synthesized.seconds, synthesized.shards
-        for nid, screen in synthesized.screening.items():
-            self.sites.clients[nid].screening = screen.to_dict()
-        for nid, why in synthesized.rejected.items():
-            self.sites.reject(nid, why)
-        self.sites.require(" left after synthesis")
+        self.sites.after_synthesis(synthesized.screening, synthesized.rejected)
         n = sum(len(s) for s in synthesized.shards.values())
         log.info("phase 3/4 classifier: training %s on %d synthetic images", self.cfg.classifier.arch, n)
         self.model = train_global(self.components, synthesized, self.cfg, self.progress)
