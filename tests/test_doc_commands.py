@@ -7,6 +7,7 @@ tool's ``--help``."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shlex
 import subprocess
@@ -122,17 +123,69 @@ TOOL_COMMANDS = (
 )
 
 
-@pytest.mark.parametrize("page,line", TOOL_COMMANDS, ids=[f"{p}:{ln[:60]}" for p, ln in TOOL_COMMANDS])
-def test_tool_commands_have_their_flags(page, line):
+_HELP_PROBE = """
+import contextlib, io, json, re, runpy, sys
+def help_of(module, args):
+    buf = io.StringIO()
+    sys.argv = [module, *args, "--help"]
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as exit:
+            if exit.code not in (0, None):
+                raise
+    return buf.getvalue()
+out = {}
+for module in json.loads(sys.stdin.read()):
+    out[module] = {"": help_of(module, [])}
+    subs = re.search(r"\\{([\\w,-]+)\\}", out[module][""])
+    for sub in subs.group(1).split(",") if subs else []:
+        out[module][sub] = help_of(module, [sub])
+print(json.dumps(out))
+"""
+
+
+@functools.cache
+def _tool_helps() -> dict[str, dict[str, str]]:
+    """Each documented tool's ``--help`` and its subcommands', as ``python -m`` prints them, from
+    one process (one import of torch instead of one per command)."""
+    modules = sorted({_tool(line)[0] for _, line in TOOL_COMMANDS})
+    res = subprocess.run(
+        [sys.executable, "-c", _HELP_PROBE],
+        input=json.dumps(modules),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {m: {k: re.sub(r"\s+", " ", v) for k, v in helps.items()} for m, helps in json.loads(res.stdout).items()}
+
+
+def _tool(line: str) -> tuple[str, list[str]]:
     argv = shlex.split(line)
     if argv[0] == "bash":  # scripts/main.sh passes its arguments to the launcher
-        module, rest = "fedbip_flower.tools.launch", argv[2:]
-    else:
-        module, rest = argv[2], argv[3:]
-    base = (sys.executable, "-m", module)
-    text = _help(*base)
-    subs = re.search(r"\{([\w,-]+)\}", text)
-    if subs and rest and rest[0] in subs.group(1).split(","):
-        text = _help(*base, rest[0])
+        return "fedbip_flower.tools.launch", argv[2:]
+    return argv[2], argv[3:]
+
+
+@pytest.mark.parametrize("page,line", TOOL_COMMANDS, ids=[f"{p}:{ln[:60]}" for p, ln in TOOL_COMMANDS])
+def test_tool_commands_have_their_flags(page, line):
+    module, rest = _tool(line)
+    helps = _tool_helps()[module]
+    text = helps[rest[0]] if rest and rest[0] in helps else helps[""]
     for flag in (a.split("=")[0] for a in rest if a.startswith("--")):
-        assert flag in text, f"{page}: `{' '.join(argv[:4])}` has no {flag}"
+        assert flag in text, f"{page}: `{line[:80]}` has no {flag}"
+
+
+def test_the_help_probe_sees_what_python_m_prints():
+    """The one-process probe gives the same help as ``python -m`` for a tool with subcommands."""
+    res = subprocess.run(
+        [sys.executable, "-m", "fedbip_flower.tools.deploy", "status", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=True,
+    )
+    assert _tool_helps()["fedbip_flower.tools.deploy"]["status"] == re.sub(r"\s+", " ", res.stdout)
